@@ -1,0 +1,174 @@
+//! The audit log (SPEC §8): one JSON object per line per evaluated call.
+//!
+//! Records are serialised by the caller and handed to one writer thread, which appends and
+//! flushes each line, so a slow disk never holds up the relay. Arguments are never written, only
+//! their SHA-256. [`Audit::close`] waits until everything queued is on disk.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use serde::Serialize;
+
+/// One audit line.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record<'a> {
+    pub ts: String,
+    pub run_id: &'a str,
+    pub agent_key: &'a str,
+    pub server: &'a str,
+    pub mode: &'a str,
+    pub request_id: Option<serde_json::Value>,
+    pub tool: &'a str,
+    pub risk_level: Option<&'a str>,
+    pub decision: Option<&'a str>,
+    pub outcome: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guardrail: Option<&'a str>,
+    pub reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status: Option<&'a str>,
+    pub latency_ms: f64,
+    pub arguments_sha256: Option<&'a str>,
+}
+
+/// The current time as RFC 3339 with milliseconds, UTC.
+pub fn now() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open audit log {path}: {source}")]
+pub struct AuditError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// The audit sink; `Audit::disabled()` drops everything.
+pub struct Audit {
+    tx: Option<mpsc::Sender<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Audit {
+    pub fn disabled() -> Audit {
+        Audit {
+            tx: None,
+            thread: None,
+        }
+    }
+
+    /// Opens (creating it and its directory) the log at `path` for appending.
+    pub fn open(path: &Path) -> Result<Audit, AuditError> {
+        let err = |source| AuditError {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(err)?;
+        let (tx, rx) = mpsc::channel::<String>();
+        let shown = path.display().to_string();
+        let thread = std::thread::Builder::new()
+            .name("audit".into())
+            .spawn(move || {
+                for mut line in rx {
+                    line.push('\n');
+                    if let Err(e) = file.write_all(line.as_bytes()).and_then(|()| file.flush()) {
+                        tracing::error!(path = %shown, error = %e, "audit write failed");
+                    }
+                }
+            })
+            .map_err(err)?;
+        Ok(Audit {
+            tx: Some(tx),
+            thread: Some(thread),
+        })
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
+    pub fn write(&self, record: &Record<'_>) {
+        let Some(tx) = &self.tx else { return };
+        match serde_json::to_string(record) {
+            Ok(line) => {
+                let _ = tx.send(line);
+            }
+            Err(e) => tracing::error!(error = %e, "audit record not serialisable"),
+        }
+    }
+
+    /// Waits until every queued record is written.
+    pub fn close(&mut self) {
+        self.tx = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Audit {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_are_appended_one_per_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nested/audit.jsonl");
+        for outcome in ["forwarded", "blocked"] {
+            let mut audit = Audit::open(&path).unwrap();
+            audit.write(&Record {
+                ts: now(),
+                run_id: "run_mcp_x",
+                agent_key: "agent",
+                server: "srv",
+                mode: "enforce",
+                request_id: Some(serde_json::json!(1)),
+                tool: "echo",
+                risk_level: Some("low"),
+                decision: Some("allow"),
+                outcome,
+                rule: Some("r"),
+                guardrail: None,
+                reason: None,
+                approval_id: None,
+                status: None,
+                latency_ms: 0.1,
+                arguments_sha256: Some("ab"),
+            });
+            audit.close();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["outcome"], "forwarded");
+        assert_eq!(lines[1]["outcome"], "blocked");
+        assert_eq!(lines[1]["runId"], "run_mcp_x");
+        assert!(lines[1].get("guardrail").is_none());
+        assert!(lines[1]["ts"].as_str().unwrap().ends_with('Z'));
+    }
+}

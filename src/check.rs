@@ -1,0 +1,170 @@
+//! `apie-mcp check`: validate the config, print the effective policy and warn about settings
+//! that are valid but probably not what the user meant. Exits 0 when the config is valid, 64
+//! when it is not (with the same message the proxy would print).
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::time::Duration;
+
+use crate::cli::{CheckArgs, RunArgs};
+use crate::config::{self, Config, Env, FailureMode, ProcessEnv};
+use crate::guard::Mode;
+
+pub fn run(args: &CheckArgs) -> u8 {
+    let run_args = RunArgs {
+        source: args.source.clone(),
+        ..RunArgs::default()
+    };
+    match config::load(&run_args, &ProcessEnv) {
+        Ok(config) => {
+            let text = report(&config, &ProcessEnv);
+            let _ = std::io::stdout().lock().write_all(text.as_bytes());
+            0
+        }
+        Err(e) => {
+            eprintln!("apie-mcp: {e}");
+            crate::EXIT_USAGE
+        }
+    }
+}
+
+/// Warnings about a valid config.
+pub fn warnings(config: &Config, env: &dyn Env) -> Vec<String> {
+    let mut out = config.warnings.clone();
+    if config.mode == Mode::Enforce && config.guard_failure_mode == FailureMode::FailOpen {
+        out.push(
+            "mode is enforce but guardFailureMode is fail_open: when the guard service fails, \
+             calls go through unchecked; set \"guardFailureMode\": \"fail_closed\""
+                .into(),
+        );
+    }
+    if config.hide_blocked_tools && config.mode != Mode::Enforce {
+        out.push(format!(
+            "hideBlockedTools has no effect in {} mode (nothing is blocked)",
+            config.mode.as_str()
+        ));
+    }
+    if config.approval_timeout > Duration::from_secs(60) {
+        out.push(format!(
+            "approvalTimeoutMs is {} s: hosts built on the TypeScript SDK give up on a request \
+             after 60 s unless progress resets their timer",
+            config.approval_timeout.as_secs()
+        ));
+    }
+    if config.environment.as_deref() == Some("production") && config.redact_keys.is_empty() {
+        out.push(
+            "environment is production and redactKeys is empty: arguments are sent unredacted"
+                .into(),
+        );
+    }
+    if env.var(&config.guard.api_key_env).is_some()
+        && config.guard.base_url.starts_with("http://")
+        && !is_loopback(&config.guard.base_url)
+    {
+        out.push(format!(
+            "guard.baseUrl {} is plain http: the API key would cross the network in clear",
+            config.guard.base_url
+        ));
+    }
+    out.extend(config.policies.warnings());
+    out
+}
+
+fn is_loopback(url: &str) -> bool {
+    let host = url
+        .trim_start_matches("http://")
+        .split(['/', ':'])
+        .next()
+        .unwrap_or("");
+    host == "localhost" || host.starts_with("127.") || url.starts_with("http://[::1]")
+}
+
+/// The effective policy, as text.
+pub fn report(config: &Config, env: &dyn Env) -> String {
+    let mut s = String::new();
+    let file = config
+        .file
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "(none: defaults)".into());
+    let _ = writeln!(s, "config:        {file}");
+    let _ = writeln!(
+        s,
+        "agent:         {} ({})",
+        config.agent_key, config.agent_name
+    );
+    let _ = writeln!(s, "server:        {}", config.server_name);
+    let mut upstream = config.upstream.command.clone();
+    for arg in &config.upstream.args {
+        upstream.push(' ');
+        upstream.push_str(arg);
+    }
+    let _ = writeln!(s, "upstream:      {upstream}");
+    let _ = writeln!(s, "mode:          {}", config.mode.as_str());
+    if let Some(env) = &config.environment {
+        let _ = writeln!(s, "environment:   {env}");
+    }
+    let service = if env.var(&config.guard.api_key_env).is_some() {
+        format!(
+            "{} (key from ${})",
+            config.guard.base_url, config.guard.api_key_env
+        )
+    } else {
+        format!(
+            "not used (${} is not set): local rules only",
+            config.guard.api_key_env
+        )
+    };
+    let _ = writeln!(s, "guard service: {service}");
+    let _ = writeln!(s, "on failure:    {}", config.guard_failure_mode.as_str());
+    let _ = writeln!(
+        s,
+        "approvals:     {:?}, timeout {} ms",
+        config.approval_channels,
+        config.approval_timeout.as_millis()
+    );
+    let audit = config
+        .audit
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|| "off".into());
+    let _ = writeln!(s, "audit:         {audit}");
+    let _ = writeln!(
+        s,
+        "error codes:   blocked {}, approval {}, guard unavailable {} (as {:?})",
+        config.error_codes.blocked,
+        config.error_codes.approval,
+        config.error_codes.guard_unavailable,
+        config.block_response
+    );
+    if !config.tool_decls.is_empty() {
+        let _ = writeln!(s, "\ndeclared tools:");
+        for (name, decl) in &config.tool_decls {
+            let _ = writeln!(s, "  {name}: {decl:?}");
+        }
+    }
+    let _ = writeln!(s, "\nrules (first match wins):");
+    if config.policies.rules().is_empty() {
+        let _ = writeln!(s, "  (none)");
+    }
+    for (i, rule) in config.policies.rules().iter().enumerate() {
+        let _ = writeln!(s, "  {}. {}", i + 1, rule.describe());
+    }
+    let d = &config.risk_defaults;
+    let _ = writeln!(
+        s,
+        "  otherwise by risk: low → {}, medium → {}, high → {}, critical → {}",
+        d.low.as_str(),
+        d.medium.as_str(),
+        d.high.as_str(),
+        d.critical.as_str()
+    );
+    let warnings = warnings(config, env);
+    if !warnings.is_empty() {
+        let _ = writeln!(s, "\nwarnings:");
+        for w in warnings {
+            let _ = writeln!(s, "  - {w}");
+        }
+    }
+    s
+}

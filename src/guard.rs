@@ -1,0 +1,331 @@
+//! The guard: decides what happens to one `tools/call`.
+//!
+//! It owns the decision vocabulary ([`Decision`], [`Mode`]) and the pipeline that turns a call
+//! into a [`Verdict`]: tool metadata ([`metadata`]), then local rules ([`rules`]) and, when
+//! nothing matches, `riskDefaults`; then the mode table of SPEC §1.
+
+pub mod metadata;
+pub mod rules;
+
+use serde::{Deserialize, Serialize};
+
+/// What a guard (a local rule, `riskDefaults`, or the service) says about a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    Allow,
+    Warn,
+    Block,
+    RequireApproval,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Warn => "warn",
+            Decision::Block => "block",
+            Decision::RequireApproval => "require_approval",
+        }
+    }
+}
+
+/// How decisions are applied (SPEC §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    Enforce,
+    /// Also spelled `shadow`.
+    Monitor,
+    Off,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Monitor => "monitor",
+            Mode::Off => "off",
+        }
+    }
+
+    /// Parses a mode name; `shadow` is an alias of `monitor`. Unknown or empty names are `None`.
+    pub fn parse(s: &str) -> Option<Mode> {
+        match s {
+            "enforce" => Some(Mode::Enforce),
+            "monitor" | "shadow" => Some(Mode::Monitor),
+            "off" => Some(Mode::Off),
+            _ => None,
+        }
+    }
+}
+
+// === the pipeline ===
+
+use std::sync::RwLock;
+
+use serde_json::Value;
+
+use crate::config::{Config, RiskDefaults};
+use metadata::{ListedTool, ToolCatalog, ToolMeta};
+use rules::{CallFacts, RuleSet, Runtime};
+
+/// Who made a decision.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Source {
+    /// A local rule: its name and reason.
+    Rule {
+        name: String,
+        reason: Option<String>,
+    },
+    /// `riskDefaults`, for the tool's risk level.
+    RiskDefault,
+}
+
+/// A decision about one call, with what it was based on.
+#[derive(Debug, Clone)]
+pub struct Evaluation {
+    pub meta: ToolMeta,
+    pub decision: Decision,
+    pub source: Source,
+}
+
+impl Evaluation {
+    pub fn rule(&self) -> Option<&str> {
+        match &self.source {
+            Source::Rule { name, .. } => Some(name),
+            Source::RiskDefault => None,
+        }
+    }
+
+    /// A reason a person can read: the rule's own, else what decided.
+    pub fn reason(&self) -> String {
+        match &self.source {
+            Source::Rule {
+                reason: Some(reason),
+                ..
+            } => reason.clone(),
+            Source::Rule { name, reason: None } => format!("matched rule {name:?}"),
+            Source::RiskDefault => format!(
+                "no rule matched; riskDefaults for {} risk is {}",
+                self.meta.risk.as_str(),
+                self.decision.as_str()
+            ),
+        }
+    }
+}
+
+/// What the mode table (SPEC §1) makes of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Send the call upstream; `outcome` is what the audit log says.
+    Forward { outcome: &'static str },
+    /// Answer with the blocked error.
+    Block,
+    /// Hold the call for a human.
+    AskApproval,
+}
+
+/// Applies the mode table to a decision.
+pub fn action(mode: Mode, decision: Decision) -> Action {
+    match (mode, decision) {
+        (Mode::Off, _) | (_, Decision::Allow | Decision::Warn) => Action::Forward {
+            outcome: "forwarded",
+        },
+        (Mode::Enforce, Decision::Block) => Action::Block,
+        (Mode::Enforce, Decision::RequireApproval) => Action::AskApproval,
+        (Mode::Monitor, Decision::Block) => Action::Forward {
+            outcome: "would_block",
+        },
+        (Mode::Monitor, Decision::RequireApproval) => Action::Forward {
+            outcome: "would_require_approval",
+        },
+    }
+}
+
+/// The local guard: tool metadata, rules and defaults for one session.
+pub struct Guard {
+    pub mode: Mode,
+    policies: RuleSet,
+    risk_defaults: RiskDefaults,
+    runtime: Runtime,
+    catalog: RwLock<ToolCatalog>,
+    hide_blocked_tools: bool,
+}
+
+impl Guard {
+    pub fn new(config: Config) -> Guard {
+        Guard {
+            mode: config.mode,
+            risk_defaults: config.risk_defaults,
+            runtime: Runtime {
+                mode: config.mode.as_str().to_string(),
+                agent_key: config.agent_key,
+                server: config.server_name,
+                environment: config.environment,
+                run_id: config.run_id,
+            },
+            hide_blocked_tools: config.hide_blocked_tools,
+            policies: config.policies,
+            catalog: RwLock::new(config.catalog),
+        }
+    }
+
+    pub fn describe(&self, tool: &str) -> ToolMeta {
+        self.catalog().describe(tool)
+    }
+
+    /// Local rules first; `riskDefaults` when none matches.
+    pub fn evaluate(&self, tool: &str, args: &Value) -> Evaluation {
+        let meta = self.describe(tool);
+        let facts = CallFacts {
+            tool: &meta,
+            args,
+            runtime: &self.runtime,
+        };
+        let (decision, source) = match self.policies.evaluate(&facts) {
+            Some(rule) => (
+                rule.decision,
+                Source::Rule {
+                    name: rule.name.clone(),
+                    reason: rule.reason.clone(),
+                },
+            ),
+            None => (self.risk_defaults.decide(meta.risk), Source::RiskDefault),
+        };
+        Evaluation {
+            meta,
+            decision,
+            source,
+        }
+    }
+
+    /// True when `hideBlockedTools` should drop this tool from `tools/list`: only in enforce
+    /// mode, and only when every possible call of it would be blocked.
+    pub fn hides(&self, tool: &str) -> bool {
+        if !self.hide_blocked_tools || self.mode != Mode::Enforce {
+            return false;
+        }
+        let meta = self.describe(tool);
+        let fallback = Some(self.risk_defaults.decide(meta.risk));
+        self.policies.always_blocks(&meta, &self.runtime, fallback)
+    }
+
+    pub fn hide_blocked_tools(&self) -> bool {
+        self.hide_blocked_tools && self.mode == Mode::Enforce
+    }
+
+    /// Learns annotations from a `tools/list` result.
+    pub fn learn(&self, tools: &[ListedTool]) {
+        if let Ok(mut catalog) = self.catalog.write() {
+            catalog.learn(tools);
+        }
+    }
+
+    /// Forgets learned annotations (`notifications/tools/list_changed`).
+    pub fn forget(&self) {
+        if let Ok(mut catalog) = self.catalog.write() {
+            catalog.forget();
+        }
+    }
+
+    fn catalog(&self) -> std::sync::RwLockReadGuard<'_, ToolCatalog> {
+        // A poisoned lock only means a panic elsewhere; the catalog itself is still whole.
+        self.catalog.read().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// SHA-256 of the arguments in canonical form (object keys sorted, no whitespace), hex.
+pub fn arguments_digest(args: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    let mut canonical = String::new();
+    write_canonical(args, &mut canonical);
+    let digest = Sha256::digest(canonical.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<_> = map.iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(b.0));
+            out.push('{');
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(k.clone()).to_string());
+                out.push(':');
+                write_canonical(v, out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mode_table_is_spec_section_1() {
+        use Decision::*;
+        let fwd = |outcome| Action::Forward { outcome };
+        let table = [
+            (Mode::Enforce, Allow, fwd("forwarded")),
+            (Mode::Enforce, Warn, fwd("forwarded")),
+            (Mode::Enforce, Block, Action::Block),
+            (Mode::Enforce, RequireApproval, Action::AskApproval),
+            (Mode::Monitor, Allow, fwd("forwarded")),
+            (Mode::Monitor, Warn, fwd("forwarded")),
+            (Mode::Monitor, Block, fwd("would_block")),
+            (
+                Mode::Monitor,
+                RequireApproval,
+                fwd("would_require_approval"),
+            ),
+            (Mode::Off, Allow, fwd("forwarded")),
+            (Mode::Off, Warn, fwd("forwarded")),
+            (Mode::Off, Block, fwd("forwarded")),
+            (Mode::Off, RequireApproval, fwd("forwarded")),
+        ];
+        for (mode, decision, want) in table {
+            assert_eq!(action(mode, decision), want, "{mode:?} × {decision:?}");
+        }
+    }
+
+    #[test]
+    fn modes_parse_with_the_shadow_alias_and_nothing_else() {
+        assert_eq!(Mode::parse("shadow"), Some(Mode::Monitor));
+        assert_eq!(Mode::parse("enforce"), Some(Mode::Enforce));
+        for bad in ["", "Enforce", "guard", "block"] {
+            assert_eq!(Mode::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_digest_ignores_key_order_and_whitespace() {
+        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":[1,2],"x":"s"}}"#).unwrap();
+        let b: Value = serde_json::from_str(r#"{ "a": {"x":"s","y":[1, 2]}, "b": 1 }"#).unwrap();
+        assert_eq!(arguments_digest(&a), arguments_digest(&b));
+        assert_ne!(
+            arguments_digest(&a),
+            arguments_digest(&serde_json::json!({"b": 2}))
+        );
+        assert_eq!(
+            arguments_digest(&serde_json::json!({})),
+            "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
+        );
+    }
+}

@@ -1,0 +1,949 @@
+//! The local rule engine (SPEC §4).
+//!
+//! This module owns the `policies` rules: their shape as written ([`RawRule`]), their
+//! compilation into a [`RuleSet`] (every glob, regex, number and field path is prepared once, and
+//! a rule that could never match is a [`RuleError`] with its path), their evaluation against one
+//! call ([`RuleSet::evaluate`], first match wins), the static question "is this tool blocked
+//! whatever its arguments" ([`RuleSet::always_blocks`]), and the human-readable output of
+//! `apie-mcp check` ([`Rule::describe`], [`RuleSet::warnings`]).
+//!
+//! Evaluation never panics and does not allocate: a missing field or a type mismatch is "no
+//! match", except that the negative operators `not_equals`, `not_contains`, `not_in` and
+//! `not_exists` match a missing field.
+
+use std::cmp::Ordering;
+use std::fmt::{self, Write as _};
+
+use regex::Regex;
+use serde::{Deserialize, Deserializer};
+use serde_json::{Map, Number, Value};
+
+use super::Decision;
+use super::metadata::{Glob, RiskLevel, ToolMeta};
+
+#[cfg(test)]
+mod tests;
+
+// ---------------------------------------------------------------------------------------------
+// Rules as written
+// ---------------------------------------------------------------------------------------------
+
+/// One rule as written in `policies`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RawRule {
+    pub name: String,
+    pub verb_matchers: Option<Vec<RawVerbMatcher>>,
+    pub conditions: Option<Vec<RawCondition>>,
+    pub action: RawRuleAction,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawVerbMatcher {
+    #[serde(rename = "type")]
+    pub kind: MatcherKind,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+pub enum MatcherKind {
+    #[serde(rename = "verb")]
+    Verb,
+    #[serde(rename = "riskLevel")]
+    RiskLevel,
+    #[serde(rename = "provider")]
+    Provider,
+    #[serde(rename = "server")]
+    Server,
+}
+
+impl MatcherKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MatcherKind::Verb => "verb",
+            MatcherKind::RiskLevel => "riskLevel",
+            MatcherKind::Provider => "provider",
+            MatcherKind::Server => "server",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCondition {
+    pub field: String,
+    pub operator: Operator,
+    /// `Some(Value::Null)` for an explicit `"value": null`; `None` when the key is absent.
+    #[serde(default, deserialize_with = "present_value")]
+    pub value: Option<Value>,
+}
+
+fn present_value<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Value>, D::Error> {
+    Value::deserialize(deserializer).map(Some)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Operator {
+    Equals,
+    NotEquals,
+    Greater,
+    GreaterOrEqual,
+    Less,
+    LessOrEqual,
+    Contains,
+    NotContains,
+    StartsWith,
+    EndsWith,
+    Matches,
+    In,
+    NotIn,
+    Exists,
+    NotExists,
+}
+
+impl Operator {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operator::Equals => "equals",
+            Operator::NotEquals => "not_equals",
+            Operator::Greater => "greater",
+            Operator::GreaterOrEqual => "greater_or_equal",
+            Operator::Less => "less",
+            Operator::LessOrEqual => "less_or_equal",
+            Operator::Contains => "contains",
+            Operator::NotContains => "not_contains",
+            Operator::StartsWith => "starts_with",
+            Operator::EndsWith => "ends_with",
+            Operator::Matches => "matches",
+            Operator::In => "in",
+            Operator::NotIn => "not_in",
+            Operator::Exists => "exists",
+            Operator::NotExists => "not_exists",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRuleAction {
+    #[serde(rename = "type")]
+    pub kind: RuleActionKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuleActionKind {
+    Allow,
+    Warn,
+    /// Same decision as `warn`.
+    Notify,
+    Block,
+    RequireApproval,
+}
+
+impl RuleActionKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuleActionKind::Allow => "allow",
+            RuleActionKind::Warn => "warn",
+            RuleActionKind::Notify => "notify",
+            RuleActionKind::Block => "block",
+            RuleActionKind::RequireApproval => "require_approval",
+        }
+    }
+
+    pub fn decision(self) -> Decision {
+        match self {
+            RuleActionKind::Allow => Decision::Allow,
+            RuleActionKind::Warn | RuleActionKind::Notify => Decision::Warn,
+            RuleActionKind::Block => Decision::Block,
+            RuleActionKind::RequireApproval => Decision::RequireApproval,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-call input
+// ---------------------------------------------------------------------------------------------
+
+/// Runtime facts available to conditions under the `runtime.` root. Built once per session.
+#[derive(Debug, Clone, Default)]
+pub struct Runtime {
+    pub mode: String,
+    pub agent_key: String,
+    pub server: String,
+    pub environment: Option<String>,
+    pub run_id: String,
+}
+
+/// Everything a rule may look at for one call.
+#[derive(Debug, Clone, Copy)]
+pub struct CallFacts<'a> {
+    pub tool: &'a ToolMeta,
+    pub args: &'a Value,
+    pub runtime: &'a Runtime,
+}
+
+/// A rule that can never match, or cannot be understood.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct RuleError {
+    /// Relative to the `policies` array, e.g. `[2].conditions[0].value`.
+    pub path: String,
+    pub message: String,
+}
+
+fn rule_error(path: String, message: impl Into<String>) -> RuleError {
+    RuleError {
+        path,
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compiled rules
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Matcher {
+    Verb(Glob),
+    Risk(RiskLevel),
+    Provider(Box<str>),
+    Server(Glob),
+}
+
+impl Matcher {
+    fn matches(&self, tool: &ToolMeta) -> bool {
+        match self {
+            Matcher::Verb(g) => g.is_match(&tool.name) || g.is_match(&tool.qualified),
+            Matcher::Risk(r) => tool.risk == *r,
+            Matcher::Provider(p) => tool.provider.eq_ignore_ascii_case(p),
+            Matcher::Server(g) => g.is_match(&tool.resource_provider),
+        }
+    }
+
+    fn matches_every_tool(&self) -> bool {
+        match self {
+            Matcher::Verb(g) | Matcher::Server(g) => g.matches_everything(),
+            Matcher::Risk(_) | Matcher::Provider(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for Matcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Matcher::Verb(g) => write!(f, "verb {:?}", g.as_str()),
+            Matcher::Risk(r) => write!(f, "riskLevel {r}"),
+            Matcher::Provider(p) => write!(f, "provider {p:?}"),
+            Matcher::Server(g) => write!(f, "server {:?}", g.as_str()),
+        }
+    }
+}
+
+/// One step of an `args` path: an object key, and the array index it also spells, if any.
+#[derive(Debug, Clone)]
+struct Segment {
+    key: Box<str>,
+    index: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+enum Field {
+    Args(Box<[Segment]>),
+    ToolName,
+    ToolQualifiedName,
+    ToolProvider,
+    ToolRiskLevel,
+    ActionType,
+    ActionName,
+    ResourceType,
+    ResourceProvider,
+    ResourceEnvironment,
+    ResourceExternalId,
+    RuntimeMode,
+    RuntimeAgentKey,
+    RuntimeServer,
+    RuntimeEnvironment,
+    RuntimeRunId,
+}
+
+/// A resolved field: a fixed string fact, or a value inside the arguments.
+#[derive(Clone, Copy)]
+enum Val<'a> {
+    Str(&'a str),
+    Json(&'a Value),
+}
+
+impl<'a> Val<'a> {
+    fn as_str(self) -> Option<&'a str> {
+        match self {
+            Val::Str(s) => Some(s),
+            Val::Json(Value::String(s)) => Some(s),
+            Val::Json(_) => None,
+        }
+    }
+}
+
+/// A number read from JSON or from a numeric string. Integers stay exact.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Num {
+    Int(i128),
+    Float(f64),
+}
+
+impl Num {
+    fn as_f64(self) -> f64 {
+        match self {
+            Num::Int(i) => i as f64,
+            Num::Float(f) => f,
+        }
+    }
+
+    fn from_number(n: &Number) -> Option<Num> {
+        if let Some(i) = n.as_i64() {
+            Some(Num::Int(i128::from(i)))
+        } else if let Some(u) = n.as_u64() {
+            Some(Num::Int(i128::from(u)))
+        } else {
+            n.as_f64().filter(|f| f.is_finite()).map(Num::Float)
+        }
+    }
+
+    /// `"500"`, `" 5e2 "`, `"-1.5"`; not `"NaN"`, `"inf"`, `""` or `"0x10"`.
+    fn parse(s: &str) -> Option<Num> {
+        let t = s.trim();
+        if t.is_empty() {
+            return None;
+        }
+        if let Ok(i) = t.parse::<i128>() {
+            return Some(Num::Int(i));
+        }
+        t.parse::<f64>()
+            .ok()
+            .filter(|f| f.is_finite())
+            .map(Num::Float)
+    }
+
+    fn of_json(v: &Value) -> Option<Num> {
+        match v {
+            Value::Number(n) => Num::from_number(n),
+            Value::String(s) => Num::parse(s),
+            _ => None,
+        }
+    }
+
+    fn of_val(v: Val<'_>) -> Option<Num> {
+        match v {
+            Val::Str(s) => Num::parse(s),
+            Val::Json(j) => Num::of_json(j),
+        }
+    }
+
+    fn compare(self, other: Num) -> Option<Ordering> {
+        match (self, other) {
+            (Num::Int(a), Num::Int(b)) => Some(a.cmp(&b)),
+            _ => self.as_f64().partial_cmp(&other.as_f64()),
+        }
+    }
+}
+
+/// A configured comparison value, with its numeric reading prepared.
+#[derive(Debug, Clone)]
+struct Operand {
+    json: Value,
+    num: Option<Num>,
+}
+
+impl Operand {
+    fn new(json: Value) -> Operand {
+        let num = Num::of_json(&json);
+        Operand { json, num }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum NumOp {
+    Greater,
+    GreaterOrEqual,
+    Less,
+    LessOrEqual,
+}
+
+impl NumOp {
+    fn accepts(self, ord: Ordering) -> bool {
+        match self {
+            NumOp::Greater => ord == Ordering::Greater,
+            NumOp::GreaterOrEqual => ord != Ordering::Less,
+            NumOp::Less => ord == Ordering::Less,
+            NumOp::LessOrEqual => ord != Ordering::Greater,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Test {
+    Equals(Operand),
+    NotEquals(Operand),
+    Numeric(NumOp, Num),
+    Contains(Operand),
+    NotContains(Operand),
+    StartsWith(Box<str>),
+    EndsWith(Box<str>),
+    Matches(Regex),
+    In(Box<[Operand]>),
+    NotIn(Box<[Operand]>),
+    Exists,
+    NotExists,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    field: Field,
+    test: Test,
+    operator: Operator,
+    /// The field and value as written, for `describe`.
+    field_src: String,
+    value_src: Option<String>,
+    reads_args: bool,
+    /// `exists`/`not_exists` given a value they ignore (a `check` warning).
+    value_ignored: bool,
+}
+
+/// Equality of `equals`, `in` and array `contains`: numeric when both sides read as numbers and
+/// at least one is a JSON number; strict JSON equality otherwise.
+fn equals(v: Val<'_>, o: &Operand) -> bool {
+    let field_is_number = matches!(v, Val::Json(Value::Number(_)));
+    if (field_is_number || o.json.is_number())
+        && let (Some(a), Some(b)) = (Num::of_val(v), o.num)
+    {
+        return a.compare(b) == Some(Ordering::Equal);
+    }
+    match v {
+        Val::Str(s) => o.json.as_str() == Some(s),
+        Val::Json(j) => *j == o.json,
+    }
+}
+
+/// `Some(found)` for a string or array field, `None` for a type mismatch.
+fn contains(v: Val<'_>, o: &Operand) -> Option<bool> {
+    match v {
+        Val::Json(Value::Array(items)) => Some(items.iter().any(|e| equals(Val::Json(e), o))),
+        _ => {
+            let s = v.as_str()?;
+            let needle = o.json.as_str()?;
+            Some(s.contains(needle))
+        }
+    }
+}
+
+/// A small stack buffer for rendering a JSON number as text without allocating.
+struct StackText {
+    buf: [u8; 64],
+    len: usize,
+}
+
+impl fmt::Write for StackText {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
+fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+    match v {
+        Val::Json(Value::Number(n)) => {
+            let mut text = StackText {
+                buf: [0; 64],
+                len: 0,
+            };
+            if write!(text, "{n}").is_ok()
+                && let Ok(s) = std::str::from_utf8(&text.buf[..text.len])
+            {
+                re.is_match(s)
+            } else {
+                re.is_match(&n.to_string())
+            }
+        }
+        _ => v.as_str().is_some_and(|s| re.is_match(s)),
+    }
+}
+
+/// Object key lookup: the exact key, else a key equal ignoring ASCII case.
+fn lookup<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+    map.get(key).or_else(|| {
+        map.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            .map(|(_, v)| v)
+    })
+}
+
+fn walk<'a>(mut v: &'a Value, path: &[Segment]) -> Option<&'a Value> {
+    for seg in path {
+        v = match v {
+            Value::Object(map) => lookup(map, &seg.key)?,
+            Value::Array(items) => items.get(seg.index?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+fn resolve<'a>(field: &Field, call: &CallFacts<'a>) -> Option<Val<'a>> {
+    let tool = call.tool;
+    let rt = call.runtime;
+    Some(match field {
+        Field::Args(path) => Val::Json(walk(call.args, path)?),
+        Field::ToolName => Val::Str(&tool.name),
+        Field::ToolQualifiedName => Val::Str(&tool.qualified),
+        Field::ToolProvider => Val::Str(&tool.provider),
+        Field::ToolRiskLevel => Val::Str(tool.risk.as_str()),
+        Field::ActionType => Val::Str(&tool.action_type),
+        Field::ActionName => Val::Str(&tool.action_name),
+        Field::ResourceType => Val::Str(&tool.resource_type),
+        Field::ResourceProvider => Val::Str(&tool.resource_provider),
+        Field::ResourceEnvironment => Val::Str(tool.resource_environment.as_deref()?),
+        Field::ResourceExternalId => Val::Str(tool.resource_external_id.as_deref()?),
+        Field::RuntimeMode => Val::Str(&rt.mode),
+        Field::RuntimeAgentKey => Val::Str(&rt.agent_key),
+        Field::RuntimeServer => Val::Str(&rt.server),
+        Field::RuntimeEnvironment => Val::Str(rt.environment.as_deref()?),
+        Field::RuntimeRunId => Val::Str(&rt.run_id),
+    })
+}
+
+impl Condition {
+    fn holds(&self, call: &CallFacts<'_>) -> bool {
+        let Some(v) = resolve(&self.field, call) else {
+            return matches!(
+                self.test,
+                Test::NotEquals(_) | Test::NotContains(_) | Test::NotIn(_) | Test::NotExists
+            );
+        };
+        match &self.test {
+            Test::Equals(o) => equals(v, o),
+            Test::NotEquals(o) => !equals(v, o),
+            Test::Numeric(op, rhs) => Num::of_val(v)
+                .and_then(|lhs| lhs.compare(*rhs))
+                .is_some_and(|ord| op.accepts(ord)),
+            Test::Contains(o) => contains(v, o) == Some(true),
+            Test::NotContains(o) => contains(v, o) == Some(false),
+            Test::StartsWith(p) => v.as_str().is_some_and(|s| s.starts_with(&**p)),
+            Test::EndsWith(p) => v.as_str().is_some_and(|s| s.ends_with(&**p)),
+            Test::Matches(re) => regex_matches(re, v),
+            Test::In(list) => list.iter().any(|o| equals(v, o)),
+            Test::NotIn(list) => !list.iter().any(|o| equals(v, o)),
+            Test::Exists => true,
+            Test::NotExists => false,
+        }
+    }
+}
+
+/// One compiled rule.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub decision: Decision,
+    pub reason: Option<String>,
+    index: usize,
+    action: RuleActionKind,
+    matchers: Option<Box<[Matcher]>>,
+    conditions: Box<[Condition]>,
+}
+
+impl Rule {
+    /// Position in the `policies` array.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The action as written (`notify` and `warn` both decide [`Decision::Warn`]).
+    pub fn action(&self) -> RuleActionKind {
+        self.action
+    }
+
+    fn selects(&self, tool: &ToolMeta) -> bool {
+        match &self.matchers {
+            None => true,
+            Some(ms) => ms.iter().any(|m| m.matches(tool)),
+        }
+    }
+
+    fn applies(&self, call: &CallFacts<'_>) -> bool {
+        self.selects(call.tool) && self.conditions.iter().all(|c| c.holds(call))
+    }
+
+    fn matches_every_call(&self) -> bool {
+        self.conditions.is_empty()
+            && self
+                .matchers
+                .as_ref()
+                .is_none_or(|ms| ms.iter().any(Matcher::matches_every_tool))
+    }
+
+    /// One line for `check`: name, matchers, conditions, decision.
+    pub fn describe(&self) -> String {
+        let mut out = format!("{}: ", self.name.escape_debug());
+        match &self.matchers {
+            None => out.push_str("every tool"),
+            Some(ms) => {
+                for (i, m) in ms.iter().enumerate() {
+                    if i > 0 {
+                        out.push_str(" or ");
+                    }
+                    let _ = write!(out, "{m}");
+                }
+            }
+        }
+        for (i, c) in self.conditions.iter().enumerate() {
+            out.push_str(if i == 0 { " if " } else { " and " });
+            let _ = write!(
+                out,
+                "{} {}",
+                c.field_src.escape_debug(),
+                c.operator.as_str()
+            );
+            if let Some(v) = c.value_src.as_deref().filter(|_| !c.value_ignored) {
+                let _ = write!(out, " {v}");
+            }
+        }
+        let _ = write!(out, " -> {}", self.action.as_str());
+        if let Some(reason) = &self.reason {
+            let _ = write!(out, " ({:?})", reason);
+        }
+        out
+    }
+}
+
+/// The compiled `policies`, in order.
+#[derive(Debug, Clone, Default)]
+pub struct RuleSet {
+    rules: Vec<Rule>,
+}
+
+impl RuleSet {
+    pub fn compile(raw: Vec<RawRule>) -> Result<RuleSet, RuleError> {
+        let rules = raw
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| compile_rule(i, r))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RuleSet { rules })
+    }
+
+    /// The first rule matching the call.
+    pub fn evaluate<'s>(&'s self, call: &CallFacts<'_>) -> Option<&'s Rule> {
+        self.rules.iter().find(|r| r.applies(call))
+    }
+
+    /// True when, for every possible `args`, the decision for this tool is `Block`. Rules whose
+    /// matchers do not select the tool are skipped; a rule whose conditions do not read `args`
+    /// is decided statically; a rule that reads `args` may or may not match, so it must block and
+    /// so must everything after it. When no rule decides, `fallback` does (`None`: someone else
+    /// decides, so not always blocked).
+    pub fn always_blocks(
+        &self,
+        tool: &ToolMeta,
+        runtime: &Runtime,
+        fallback: Option<Decision>,
+    ) -> bool {
+        static NO_ARGS: Value = Value::Null;
+        let call = CallFacts {
+            tool,
+            args: &NO_ARGS,
+            runtime,
+        };
+        for rule in &self.rules {
+            if !rule.selects(tool) {
+                continue;
+            }
+            // A condition that does not read `args` is known now; if one fails, the rule
+            // can never match this tool.
+            let static_ok = rule
+                .conditions
+                .iter()
+                .filter(|c| !c.reads_args)
+                .all(|c| c.holds(&call));
+            if !static_ok {
+                continue;
+            }
+            if !rule.conditions.iter().any(|c| c.reads_args) {
+                return rule.decision == Decision::Block;
+            }
+            if rule.decision != Decision::Block {
+                return false;
+            }
+        }
+        fallback == Some(Decision::Block)
+    }
+
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// Human-readable warnings for `apie-mcp check`.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(first) = self.rules[..i].iter().find(|r| r.name == rule.name) {
+                out.push(format!(
+                    "rule [{i}] {:?} has the same name as rule [{}]; audit entries cannot tell them apart",
+                    rule.name, first.index
+                ));
+            }
+            if let Some(catch_all) = self.rules[..i].iter().find(|r| r.matches_every_call()) {
+                out.push(format!(
+                    "rule [{i}] {:?} can never match: rule [{}] {:?} before it matches every call",
+                    rule.name, catch_all.index, catch_all.name
+                ));
+            }
+            for (j, c) in rule.conditions.iter().enumerate() {
+                if c.value_ignored {
+                    out.push(format!(
+                        "rule [{i}] {:?}: conditions[{j}] `{}` ignores its value",
+                        rule.name,
+                        c.operator.as_str()
+                    ));
+                }
+            }
+        }
+        out
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Compilation
+// ---------------------------------------------------------------------------------------------
+
+fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, RuleError> {
+    if raw.name.trim().is_empty() {
+        return Err(rule_error(format!("[{i}].name"), "must not be empty"));
+    }
+    let matchers = match raw.verb_matchers {
+        None => None,
+        Some(list) if list.is_empty() => {
+            return Err(rule_error(
+                format!("[{i}].verbMatchers"),
+                "an empty list can never match; leave verbMatchers out to match every tool",
+            ));
+        }
+        Some(list) => Some(
+            list.into_iter()
+                .enumerate()
+                .map(|(j, m)| compile_matcher(format!("[{i}].verbMatchers[{j}].value"), m))
+                .collect::<Result<Box<[_]>, _>>()?,
+        ),
+    };
+    let conditions = raw
+        .conditions
+        .unwrap_or_default()
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| compile_condition(&format!("[{i}].conditions[{j}]"), c))
+        .collect::<Result<Box<[_]>, _>>()?;
+    Ok(Rule {
+        name: raw.name,
+        decision: raw.action.kind.decision(),
+        reason: raw.reason,
+        index: i,
+        action: raw.action.kind,
+        matchers,
+        conditions,
+    })
+}
+
+fn compile_matcher(path: String, m: RawVerbMatcher) -> Result<Matcher, RuleError> {
+    if m.value.trim().is_empty() {
+        return Err(rule_error(path, "must not be empty"));
+    }
+    Ok(match m.kind {
+        MatcherKind::Verb => Matcher::Verb(Glob::new(&m.value)),
+        MatcherKind::Server => Matcher::Server(Glob::new(&m.value)),
+        MatcherKind::Provider => Matcher::Provider(m.value.into()),
+        MatcherKind::RiskLevel => match RiskLevel::parse(&m.value) {
+            Some(r) => Matcher::Risk(r),
+            None => {
+                return Err(rule_error(
+                    path,
+                    format!(
+                        "unknown risk level {:?}; expected low, medium, high or critical",
+                        m.value
+                    ),
+                ));
+            }
+        },
+    })
+}
+
+fn parse_field(src: &str) -> Result<Field, String> {
+    let mut parts = src.split('.');
+    let root = parts.next().unwrap_or_default();
+    let rest: Vec<&str> = parts.collect();
+    if root.is_empty() || rest.iter().any(|s| s.is_empty()) {
+        return Err(format!("{src:?} has an empty path segment"));
+    }
+    let fixed = |subs: &[(&[&str], Field)], names: &str| -> Result<Field, String> {
+        match rest.as_slice() {
+            [sub] => subs
+                .iter()
+                .find(|(spellings, _)| spellings.contains(sub))
+                .map(|(_, f)| f.clone())
+                .ok_or_else(|| format!("unknown field {src:?}; `{root}` has {names}")),
+            [] => Err(format!("`{root}` needs a sub-field: {names}")),
+            _ => Err(format!(
+                "unknown field {src:?}; `{root}` has {names}, which have no sub-fields"
+            )),
+        }
+    };
+    match root {
+        "args" => Ok(Field::Args(
+            rest.iter()
+                .map(|s| Segment {
+                    key: (*s).into(),
+                    index: if s.bytes().all(|b| b.is_ascii_digit()) {
+                        s.parse().ok()
+                    } else {
+                        None
+                    },
+                })
+                .collect(),
+        )),
+        "tool" => fixed(
+            &[
+                (&["name"], Field::ToolName),
+                (
+                    &["qualifiedName", "qualified_name"],
+                    Field::ToolQualifiedName,
+                ),
+                (&["provider"], Field::ToolProvider),
+                (&["riskLevel", "risk_level"], Field::ToolRiskLevel),
+            ],
+            "name, qualifiedName, provider, riskLevel",
+        ),
+        "action" => fixed(
+            &[
+                (&["type"], Field::ActionType),
+                (&["name"], Field::ActionName),
+            ],
+            "type, name",
+        ),
+        "resource" => fixed(
+            &[
+                (&["type"], Field::ResourceType),
+                (&["provider"], Field::ResourceProvider),
+                (&["environment"], Field::ResourceEnvironment),
+                (&["externalId", "external_id"], Field::ResourceExternalId),
+            ],
+            "type, provider, environment, externalId",
+        ),
+        "runtime" => fixed(
+            &[
+                (&["mode"], Field::RuntimeMode),
+                (&["agentKey", "agent_key"], Field::RuntimeAgentKey),
+                (&["server"], Field::RuntimeServer),
+                (&["environment"], Field::RuntimeEnvironment),
+                (&["runId", "run_id"], Field::RuntimeRunId),
+            ],
+            "mode, agentKey, server, environment, runId",
+        ),
+        other => Err(format!(
+            "unknown root {other:?} in {src:?}; a field starts with args, tool, action, resource or runtime"
+        )),
+    }
+}
+
+fn compile_condition(path: &str, raw: RawCondition) -> Result<Condition, RuleError> {
+    let field = parse_field(&raw.field).map_err(|m| rule_error(format!("{path}.field"), m))?;
+    let value_path = || format!("{path}.value");
+    let op = raw.operator;
+    let needs_value = |v: Option<Value>| -> Result<Value, RuleError> {
+        v.ok_or_else(|| rule_error(value_path(), format!("`{}` needs a value", op.as_str())))
+    };
+    let value_src = raw.value.as_ref().map(Value::to_string);
+    let mut value_ignored = false;
+    let test = match op {
+        Operator::Equals => Test::Equals(Operand::new(needs_value(raw.value)?)),
+        Operator::NotEquals => Test::NotEquals(Operand::new(needs_value(raw.value)?)),
+        Operator::Contains => Test::Contains(Operand::new(needs_value(raw.value)?)),
+        Operator::NotContains => Test::NotContains(Operand::new(needs_value(raw.value)?)),
+        Operator::Greater | Operator::GreaterOrEqual | Operator::Less | Operator::LessOrEqual => {
+            let v = needs_value(raw.value)?;
+            let n = Num::of_json(&v).ok_or_else(|| {
+                rule_error(
+                    value_path(),
+                    format!(
+                        "`{}` needs a number or a numeric string, not {v}",
+                        op.as_str()
+                    ),
+                )
+            })?;
+            let num_op = match op {
+                Operator::Greater => NumOp::Greater,
+                Operator::GreaterOrEqual => NumOp::GreaterOrEqual,
+                Operator::Less => NumOp::Less,
+                _ => NumOp::LessOrEqual,
+            };
+            Test::Numeric(num_op, n)
+        }
+        Operator::StartsWith | Operator::EndsWith => match needs_value(raw.value)? {
+            Value::String(s) if op == Operator::StartsWith => Test::StartsWith(s.into()),
+            Value::String(s) => Test::EndsWith(s.into()),
+            other => {
+                return Err(rule_error(
+                    value_path(),
+                    format!("`{}` needs a string, not {other}", op.as_str()),
+                ));
+            }
+        },
+        Operator::Matches => match needs_value(raw.value)? {
+            Value::String(s) => Test::Matches(Regex::new(&s).map_err(|e| {
+                rule_error(value_path(), format!("invalid regular expression: {e}"))
+            })?),
+            other => {
+                return Err(rule_error(
+                    value_path(),
+                    format!("`matches` needs a regular expression string, not {other}"),
+                ));
+            }
+        },
+        Operator::In | Operator::NotIn => match needs_value(raw.value)? {
+            Value::Array(items) => {
+                let list: Box<[Operand]> = items.into_iter().map(Operand::new).collect();
+                if op == Operator::In {
+                    Test::In(list)
+                } else {
+                    Test::NotIn(list)
+                }
+            }
+            other => {
+                return Err(rule_error(
+                    value_path(),
+                    format!("`{}` needs an array, not {other}", op.as_str()),
+                ));
+            }
+        },
+        Operator::Exists | Operator::NotExists => {
+            value_ignored = raw.value.is_some();
+            if op == Operator::Exists {
+                Test::Exists
+            } else {
+                Test::NotExists
+            }
+        }
+    };
+    Ok(Condition {
+        reads_args: matches!(field, Field::Args(_)),
+        field,
+        test,
+        operator: op,
+        field_src: raw.field,
+        value_src,
+        value_ignored,
+    })
+}

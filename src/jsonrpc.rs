@@ -1,0 +1,598 @@
+//! The JSON-RPC 2.0 envelope, as the proxy sees it.
+//!
+//! Every line in either direction is classified here, in one pass over its bytes, into a
+//! [`Message`] (request, notification or response), a batch, or a rejection that says which
+//! JSON-RPC error answers it (SPEC §7, bad-input table). The members the proxy does not need are
+//! kept as borrowed raw JSON, so pass-through traffic is forwarded as the original bytes and never
+//! re-serialised.
+//!
+//! Invariants enforced here, so that what the proxy evaluates is what every peer would read:
+//! - `jsonrpc` is exactly `"2.0"`; ids are strings or integers (never `null`, fractions, bools);
+//! - no two envelope keys are equal ignoring case, and no key is a case variant of an envelope
+//!   member (`"Method"`), since some peers match member names case-insensitively;
+//! - a message is exactly one of request, notification, response.
+//!
+//! [`strict`] holds the deep, duplicate-rejecting parse used for `tools/call` params.
+
+pub mod strict;
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+// === ids ===
+
+/// A request id: a string or an integer (MCP forbids `null` and fractions).
+///
+/// Numbers keep their literal text, so ids beyond 64 bits survive; strings are kept decoded, so
+/// `"a"` and `"\u0061"` are the same id.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Id {
+    Number(Box<str>),
+    String(Box<str>),
+}
+
+impl Id {
+    /// Reads an id from its raw JSON, or `None` when it is not a string or an integer.
+    pub fn from_raw(raw: &RawValue) -> Option<Id> {
+        let text = raw.get();
+        match text.as_bytes().first()? {
+            b'"' => serde_json::from_str::<String>(text)
+                .ok()
+                .map(|s| Id::String(s.into())),
+            _ if is_integer_literal(text) => Some(Id::Number(text.into())),
+            _ => None,
+        }
+    }
+
+    /// The id as JSON text.
+    pub fn to_json(&self) -> String {
+        match self {
+            Id::Number(n) => n.to_string(),
+            Id::String(s) => serde_json::to_string(&**s).unwrap_or_else(|_| "\"\"".into()),
+        }
+    }
+
+    /// The id as a JSON value (for audit records and synthesised messages).
+    pub fn to_value(&self) -> serde_json::Value {
+        match self {
+            Id::Number(n) => serde_json::from_str(n).unwrap_or(serde_json::Value::Null),
+            Id::String(s) => serde_json::Value::String(s.to_string()),
+        }
+    }
+}
+
+impl fmt::Display for Id {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_json())
+    }
+}
+
+impl Serialize for Id {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            // Integer literal text is valid JSON; emit it untouched.
+            Id::Number(n) => match RawValue::from_string(n.to_string()) {
+                Ok(raw) => raw.serialize(s),
+                Err(e) => Err(serde::ser::Error::custom(e)),
+            },
+            Id::String(v) => s.serialize_str(v),
+        }
+    }
+}
+
+/// `-?(0|[1-9][0-9]*)`: a JSON number with no fraction and no exponent.
+fn is_integer_literal(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && (digits == "0" || !digits.starts_with('0'))
+}
+
+// === error codes ===
+
+/// JSON-RPC error codes the proxy emits on its own account.
+pub mod code {
+    pub const PARSE_ERROR: i64 = -32700;
+    pub const INVALID_REQUEST: i64 = -32600;
+    pub const METHOD_NOT_FOUND: i64 = -32601;
+    pub const INVALID_PARAMS: i64 = -32602;
+    pub const INTERNAL_ERROR: i64 = -32603;
+}
+
+// === classification ===
+
+/// One classified line.
+#[derive(Debug)]
+pub enum Parsed<'a> {
+    Message(Message<'a>),
+    /// A JSON array: each element is classified on its own by the caller.
+    Batch(Vec<&'a RawValue>),
+    Rejected(Rejection),
+}
+
+/// A well-formed JSON-RPC message.
+#[derive(Debug)]
+pub struct Message<'a> {
+    pub kind: Kind<'a>,
+    /// `params` as raw JSON, when present.
+    pub params: Option<&'a RawValue>,
+}
+
+#[derive(Debug)]
+pub enum Kind<'a> {
+    Request { id: Id, method: Cow<'a, str> },
+    Notification { method: Cow<'a, str> },
+    Response { id: Id, body: Reply<'a> },
+}
+
+/// The body of a response.
+#[derive(Debug)]
+pub enum Reply<'a> {
+    Result(&'a RawValue),
+    Error(&'a RawValue),
+}
+
+impl Message<'_> {
+    pub fn method(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Request { method, .. } | Kind::Notification { method } => Some(method),
+            Kind::Response { .. } => None,
+        }
+    }
+
+    pub fn id(&self) -> Option<&Id> {
+        match &self.kind {
+            Kind::Request { id, .. } | Kind::Response { id, .. } => Some(id),
+            Kind::Notification { .. } => None,
+        }
+    }
+}
+
+/// Why a line was refused, and the error that answers it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejection {
+    pub code: i64,
+    pub message: Cow<'static, str>,
+    /// The id, when one could be read; the answer carries it (and omits `id` otherwise).
+    pub id: Option<Id>,
+}
+
+impl Rejection {
+    fn parse_error(detail: impl fmt::Display) -> Rejection {
+        Rejection {
+            code: code::PARSE_ERROR,
+            message: format!("Parse error: {detail}").into(),
+            id: None,
+        }
+    }
+
+    pub fn invalid(id: Option<Id>, message: impl Into<Cow<'static, str>>) -> Rejection {
+        Rejection {
+            code: code::INVALID_REQUEST,
+            message: message.into(),
+            id,
+        }
+    }
+
+    /// The JSON-RPC error response for this rejection.
+    pub fn to_response(&self) -> Vec<u8> {
+        error_response(self.id.as_ref(), self.code, &self.message, None)
+    }
+}
+
+/// Classifies one line (without its newline).
+pub fn classify(line: &[u8]) -> Parsed<'_> {
+    match serde_json::from_slice::<TopLevel<'_>>(line) {
+        Ok(TopLevel::Object(fields)) => fields.into_parsed(),
+        Ok(TopLevel::Array(items)) if items.is_empty() => {
+            Parsed::Rejected(Rejection::invalid(None, "Invalid Request: empty batch"))
+        }
+        Ok(TopLevel::Array(items)) => Parsed::Batch(items),
+        Ok(TopLevel::Other) => Parsed::Rejected(Rejection::invalid(
+            None,
+            "Invalid Request: not a JSON-RPC message",
+        )),
+        Err(e) if e.classify() == serde_json::error::Category::Data => {
+            Parsed::Rejected(Rejection::invalid(None, format!("Invalid Request: {e}")))
+        }
+        Err(e) => Parsed::Rejected(Rejection::parse_error(e)),
+    }
+}
+
+/// Classifies one element of a batch (a nested array is not a JSON-RPC message).
+pub fn classify_element(raw: &RawValue) -> Result<Message<'_>, Rejection> {
+    match classify(raw.get().as_bytes()) {
+        Parsed::Message(msg) => Ok(msg),
+        Parsed::Rejected(r) => Err(r),
+        Parsed::Batch(_) => Err(Rejection::invalid(None, "Invalid Request: nested batch")),
+    }
+}
+
+const MEMBERS: [&str; 6] = ["jsonrpc", "id", "method", "params", "result", "error"];
+
+enum TopLevel<'a> {
+    Object(Fields<'a>),
+    Array(Vec<&'a RawValue>),
+    Other,
+}
+
+/// The envelope members, each as raw JSON, plus what was wrong with the object's keys.
+#[derive(Default)]
+struct Fields<'a> {
+    jsonrpc: Option<&'a RawValue>,
+    id: Option<&'a RawValue>,
+    method: Option<&'a RawValue>,
+    params: Option<&'a RawValue>,
+    result: Option<&'a RawValue>,
+    error: Option<&'a RawValue>,
+    key_problem: Option<String>,
+}
+
+impl<'a> Fields<'a> {
+    fn into_parsed(self) -> Parsed<'a> {
+        let id = match self.id {
+            None => None,
+            Some(raw) => match Id::from_raw(raw) {
+                Some(id) => Some(id),
+                None => {
+                    return Parsed::Rejected(Rejection::invalid(
+                        None,
+                        "Invalid Request: id must be a string or an integer",
+                    ));
+                }
+            },
+        };
+        let reject = |msg: String| Parsed::Rejected(Rejection::invalid(id.clone(), msg));
+        if let Some(problem) = self.key_problem {
+            return reject(format!("Invalid Request: {problem}"));
+        }
+        if self.jsonrpc.map(RawValue::get) != Some("\"2.0\"") {
+            return reject("Invalid Request: jsonrpc must be \"2.0\"".into());
+        }
+        if let Some(params) = self.params {
+            if !matches!(params.get().as_bytes().first(), Some(b'{' | b'[')) {
+                return reject("Invalid Request: params must be an object or an array".into());
+            }
+        }
+        match (self.method, self.result, self.error) {
+            (Some(method), None, None) => {
+                let Ok(method) = serde_json::from_str::<Cow<'a, str>>(method.get()) else {
+                    return reject("Invalid Request: method must be a string".into());
+                };
+                let kind = match id {
+                    Some(id) => Kind::Request { id, method },
+                    None => Kind::Notification { method },
+                };
+                Parsed::Message(Message {
+                    kind,
+                    params: self.params,
+                })
+            }
+            (None, Some(result), None) | (None, None, Some(result)) => {
+                let Some(id) = id.clone() else {
+                    return reject("Invalid Request: a response needs an id".into());
+                };
+                if self.params.is_some() {
+                    return reject("Invalid Request: a response has no params".into());
+                }
+                let body = if self.error.is_some() {
+                    if !result.get().starts_with('{') {
+                        return reject("Invalid Request: error must be an object".into());
+                    }
+                    Reply::Error(result)
+                } else {
+                    Reply::Result(result)
+                };
+                Parsed::Message(Message {
+                    kind: Kind::Response { id, body },
+                    params: None,
+                })
+            }
+            (None, None, None) => reject("Invalid Request: no method, result or error".into()),
+            _ => reject("Invalid Request: method, result and error are exclusive".into()),
+        }
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = TopLevel<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON-RPC message")
+            }
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Self::Value, M::Error> {
+                let mut fields = Fields::default();
+                let mut keys = strict::KeySet::default();
+                while let Some(key) = map.next_key::<strict::Key<'de>>()? {
+                    let value: &'de RawValue = map.next_value()?;
+                    let key = key.0;
+                    if fields.key_problem.is_none() {
+                        if let Some(clash) = keys.insert(&key) {
+                            fields.key_problem = Some(format!(
+                                "duplicate member {key:?} (same as {clash:?} ignoring case)"
+                            ));
+                        }
+                    }
+                    let slot = match &*key {
+                        "jsonrpc" => &mut fields.jsonrpc,
+                        "id" => &mut fields.id,
+                        "method" => &mut fields.method,
+                        "params" => &mut fields.params,
+                        "result" => &mut fields.result,
+                        "error" => &mut fields.error,
+                        other => {
+                            if fields.key_problem.is_none() {
+                                if let Some(m) =
+                                    MEMBERS.iter().find(|m| strict::eq_ignore_case(m, other))
+                                {
+                                    fields.key_problem =
+                                        Some(format!("member {other:?} must be spelled {m:?}"));
+                                }
+                            }
+                            continue;
+                        }
+                    };
+                    *slot = Some(value);
+                }
+                Ok(TopLevel::Object(fields))
+            }
+            fn visit_seq<S: SeqAccess<'de>>(self, mut seq: S) -> Result<Self::Value, S::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                    items.push(item);
+                }
+                Ok(TopLevel::Array(items))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+                Ok(TopLevel::Other)
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+// === building messages ===
+
+#[derive(Serialize)]
+struct ErrorObject<'a> {
+    code: i64,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    data: Option<&'a serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct ErrorResponse<'a> {
+    jsonrpc: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    id: Option<&'a Id>,
+    error: ErrorObject<'a>,
+}
+
+#[derive(Serialize)]
+struct ResultResponse<'a, T: Serialize> {
+    jsonrpc: &'static str,
+    id: &'a Id,
+    result: &'a T,
+}
+
+/// A JSON-RPC error response; `id` is omitted (never `null`) when unknown.
+pub fn error_response(
+    id: Option<&Id>,
+    code: i64,
+    message: &str,
+    data: Option<&serde_json::Value>,
+) -> Vec<u8> {
+    let response = ErrorResponse {
+        jsonrpc: "2.0",
+        id,
+        error: ErrorObject {
+            code,
+            message,
+            data,
+        },
+    };
+    serde_json::to_vec(&response).unwrap_or_default()
+}
+
+/// A JSON-RPC success response.
+pub fn result_response<T: Serialize>(id: &Id, result: &T) -> Vec<u8> {
+    serde_json::to_vec(&ResultResponse {
+        jsonrpc: "2.0",
+        id,
+        result,
+    })
+    .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejected(line: &str) -> Rejection {
+        match classify(line.as_bytes()) {
+            Parsed::Rejected(r) => r,
+            other => panic!("{line} was accepted: {other:?}"),
+        }
+    }
+
+    fn message(line: &str) -> Message<'_> {
+        match classify(line.as_bytes()) {
+            Parsed::Message(m) => m,
+            other => panic!("{line} was not a message: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn requests_notifications_and_responses_are_told_apart() {
+        let m = message(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"a":1}}"#);
+        assert!(
+            matches!(&m.kind, Kind::Request { id: Id::Number(n), method } if &**n == "7" && method == "tools/call")
+        );
+        assert_eq!(m.params.unwrap().get(), r#"{"a":1}"#);
+
+        let m = message(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+        assert!(matches!(m.kind, Kind::Notification { .. }));
+
+        let m = message(r#"{"jsonrpc":"2.0","id":"x","result":{}}"#);
+        assert!(matches!(
+            m.kind,
+            Kind::Response {
+                body: Reply::Result(_),
+                ..
+            }
+        ));
+
+        let m = message(r#"{"jsonrpc":"2.0","id":-3,"error":{"code":1,"message":"m"}}"#);
+        assert!(matches!(
+            m.kind,
+            Kind::Response {
+                body: Reply::Error(_),
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn ids_keep_their_form() {
+        let m = message(r#"{"jsonrpc":"2.0","id":123456789012345678901234567890,"method":"x"}"#);
+        assert_eq!(m.id().unwrap().to_json(), "123456789012345678901234567890");
+        let m = message(r#"{"jsonrpc":"2.0","id":"\u0061","method":"x"}"#);
+        assert_eq!(m.id(), Some(&Id::String("a".into())));
+        let m = message(r#"{"jsonrpc":"2.0","id":-1,"method":"x"}"#);
+        assert_eq!(m.id().unwrap().to_json(), "-1");
+    }
+
+    #[test]
+    fn bad_ids_are_invalid_requests_without_id() {
+        for id in ["null", "1.5", "1e3", "true", "{}", "[]", "-0.0"] {
+            let line = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"x"}}"#);
+            let r = match classify(line.as_bytes()) {
+                Parsed::Rejected(r) => r,
+                other => panic!("{line}: {other:?}"),
+            };
+            assert_eq!(r.code, code::INVALID_REQUEST, "{line}");
+            assert_eq!(r.id, None, "{line}");
+        }
+    }
+
+    #[test]
+    fn non_json_is_a_parse_error_without_id() {
+        for line in ["not json", "{\"jsonrpc\":", "{} {}", "\u{fffd}"] {
+            let r = rejected(line);
+            assert_eq!(r.code, code::PARSE_ERROR, "{line}");
+            assert!(
+                !String::from_utf8(r.to_response())
+                    .unwrap()
+                    .contains("\"id\"")
+            );
+        }
+        let r = match classify(b"{\"jsonrpc\":\"2.0\",\"method\":\"\xff\"}") {
+            Parsed::Rejected(r) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(r.code, code::PARSE_ERROR);
+    }
+
+    #[test]
+    fn wrong_shapes_are_invalid_requests() {
+        for line in [
+            "42",
+            "\"str\"",
+            "null",
+            "[]",
+            r#"{"id":1,"method":"x"}"#,
+            r#"{"jsonrpc":"1.0","id":1,"method":"x"}"#,
+            r#"{"jsonrpc":2.0,"id":1,"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":1}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"result":{},"error":{}}"#,
+            r#"{"jsonrpc":"2.0","result":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":5}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","params":3}"#,
+            r#"{"jsonrpc":"2.0","id":1,"error":"boom"}"#,
+        ] {
+            assert_eq!(rejected(line).code, code::INVALID_REQUEST, "{line}");
+        }
+    }
+
+    #[test]
+    fn invalid_requests_keep_a_readable_id() {
+        let r = rejected(r#"{"jsonrpc":"1.0","id":9,"method":"x"}"#);
+        assert_eq!(r.id, Some(Id::Number("9".into())));
+        assert_eq!(
+            String::from_utf8(r.to_response()).unwrap(),
+            r#"{"jsonrpc":"2.0","id":9,"error":{"code":-32600,"message":"Invalid Request: jsonrpc must be \"2.0\""}}"#
+        );
+    }
+
+    #[test]
+    fn duplicate_and_case_variant_members_are_refused() {
+        for line in [
+            r#"{"jsonrpc":"2.0","id":1,"id":2,"method":"x"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"a","method":"b"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"a","Method":"b"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"Method":"tools/call"}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","PARAMS":{}}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","extra":1,"EXTRA":2}"#,
+            r#"{"jsonrpc":"2.0","id":1,"method":"x","me\u0074hod":"y"}"#,
+        ] {
+            assert_eq!(rejected(line).code, code::INVALID_REQUEST, "{line}");
+        }
+    }
+
+    #[test]
+    fn unknown_members_pass() {
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"x","extension":{"a":[1]}}"#);
+        assert_eq!(m.method(), Some("x"));
+    }
+
+    #[test]
+    fn batches_are_split_and_nested_batches_refused() {
+        let Parsed::Batch(items) = classify(br#"[{"jsonrpc":"2.0","method":"a"},[1]]"#) else {
+            panic!("not a batch")
+        };
+        assert_eq!(items.len(), 2);
+        assert!(classify_element(items[0]).is_ok());
+        assert_eq!(
+            classify_element(items[1]).unwrap_err().code,
+            code::INVALID_REQUEST
+        );
+    }
+
+    #[test]
+    fn responses_are_built_without_null_ids() {
+        let body = error_response(None, -32700, "Parse error", None);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"jsonrpc":"2.0","error":{"code":-32700,"message":"Parse error"}}"#
+        );
+        let id = Id::Number("18446744073709551617".into());
+        let body = result_response(&id, &serde_json::json!({}));
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"jsonrpc":"2.0","id":18446744073709551617,"result":{}}"#
+        );
+    }
+}

@@ -1,0 +1,233 @@
+//! A strict JSON parse for the parts of a message the guard evaluates.
+//!
+//! `serde_json::Value` silently keeps the last of two equal keys, and some servers match keys
+//! ignoring case (Go's `encoding/json`, for one). If the guard and the upstream could read one
+//! object two ways, `{"name":"safe","Name":"rm_rf"}` would slip past a rule. So every object met
+//! here is refused when two of its keys are equal ignoring case; the guard then evaluates the one
+//! reading every peer agrees on, and the original bytes can be forwarded as they are.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::{Map, Value};
+
+/// True when `a` and `b` are equal ignoring case, Unicode-aware (`K` and the Kelvin sign,
+/// `s` and the long s both count).
+pub fn eq_ignore_case(a: &str, b: &str) -> bool {
+    if a.is_ascii() && b.is_ascii() {
+        return a.eq_ignore_ascii_case(b);
+    }
+    fold(a) == fold(b)
+}
+
+/// A case fold good enough for key comparison: lower-case of the upper-case.
+fn fold(s: &str) -> String {
+    s.to_uppercase().to_lowercase()
+}
+
+/// An object key, borrowed from the input when it has no escapes.
+pub struct Key<'de>(pub Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string key")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+/// The keys of one object seen so far, compared ignoring case.
+///
+/// Small objects (the common case) are checked by a linear scan; large ones switch to a set of
+/// folded keys so a hostile object with many keys costs linear time.
+#[derive(Default)]
+pub struct KeySet {
+    small: Vec<String>,
+    folded: Option<HashSet<String>>,
+}
+
+const SMALL: usize = 16;
+
+impl KeySet {
+    /// Adds `key`; returns the earlier key it clashes with, if any.
+    pub fn insert(&mut self, key: &str) -> Option<String> {
+        if let Some(set) = &mut self.folded {
+            let f = fold(key);
+            return if set.insert(f) {
+                None
+            } else {
+                Some(key.to_owned())
+            };
+        }
+        if let Some(clash) = self.small.iter().find(|k| eq_ignore_case(k, key)) {
+            return Some(clash.clone());
+        }
+        self.small.push(key.to_owned());
+        if self.small.len() > SMALL {
+            self.folded = Some(self.small.drain(..).map(|k| fold(&k)).collect());
+        }
+        None
+    }
+}
+
+/// Parses `json` into a [`Value`], refusing any object with two keys equal ignoring case.
+///
+/// The error says which key clashed, or why the JSON could not be read (for example nesting
+/// deeper than serde_json's limit of 128, or a lone surrogate).
+pub fn parse(json: &str) -> Result<Value, String> {
+    parse_with(json, StrictSeed { fold_case: true })
+}
+
+/// Parses `json` into a [`Value`], refusing any object with a key given twice (exactly).
+/// For files people write, where `PATH` and `Path` may both be meant.
+pub fn parse_exact(json: &str) -> Result<Value, String> {
+    parse_with(json, StrictSeed { fold_case: false })
+}
+
+fn parse_with(json: &str, seed: StrictSeed) -> Result<Value, String> {
+    let mut de = serde_json::Deserializer::from_str(json);
+    let value = seed.deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+#[derive(Clone, Copy)]
+struct StrictSeed {
+    fold_case: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for StrictSeed {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(StrictVisitor(self))
+    }
+}
+
+struct StrictVisitor(StrictSeed);
+
+impl<'de> Visitor<'de> for StrictVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, v: bool) -> Result<Value, E> {
+        Ok(Value::Bool(v))
+    }
+    fn visit_i64<E: de::Error>(self, v: i64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_u64<E: de::Error>(self, v: u64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_f64<E: de::Error>(self, v: f64) -> Result<Value, E> {
+        Ok(Value::from(v))
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Value, E> {
+        Ok(Value::String(v.to_owned()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Value, E> {
+        Ok(Value::String(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(item) = seq.next_element_seed(self.0)? {
+            items.push(item);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut keys = KeySet::default();
+        let mut object = Map::new();
+        while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+            if self.0.fold_case {
+                if let Some(clash) = keys.insert(&key) {
+                    return Err(de::Error::custom(format!(
+                        "duplicate key {key:?} (same as {clash:?} ignoring case)"
+                    )));
+                }
+            } else if object.contains_key(&*key) {
+                return Err(de::Error::custom(format!("key {key:?} given twice")));
+            }
+            let value = map.next_value_seed(self.0)?;
+            object.insert(key.into_owned(), value);
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_json_parses_like_serde_json() {
+        let text = r#"{"a":[1,-2,3.5,"x",null,true,{"b":{}}],"c":"\u00e9"}"#;
+        assert_eq!(
+            parse(text).unwrap(),
+            serde_json::from_str::<Value>(text).unwrap()
+        );
+    }
+
+    #[test]
+    fn duplicates_anywhere_are_refused() {
+        for text in [
+            r#"{"a":1,"a":2}"#,
+            r#"{"a":1,"A":2}"#,
+            r#"{"x":[{"path":"/tmp","PATH":"/etc"}]}"#,
+            r#"{"n\u0061me":1,"name":2}"#,
+            r#"{"k":1,"\u212a":2}"#,
+            r#"{"s":1,"\u017f":2}"#,
+        ] {
+            let err = parse(text).unwrap_err();
+            assert!(err.contains("duplicate key"), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn large_objects_are_checked_in_linear_time() {
+        let mut text = String::from("{");
+        for i in 0..20_000 {
+            text.push_str(&format!("\"k{i}\":{i},"));
+        }
+        text.push_str("\"K19999\":0}");
+        assert!(parse(&text).unwrap_err().contains("duplicate key"));
+    }
+
+    #[test]
+    fn exact_mode_allows_case_variants_but_not_repeats() {
+        assert!(parse_exact(r#"{"PATH":1,"Path":2}"#).is_ok());
+        assert!(
+            parse_exact(r#"{"a":{"b":1,"b":2}}"#)
+                .unwrap_err()
+                .contains("given twice")
+        );
+    }
+
+    #[test]
+    fn unreadable_json_is_an_error_not_a_panic() {
+        assert!(parse(r#"{"a":"\ud800"}"#).is_err());
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(parse(&deep).is_err());
+        assert!(parse("{} x").is_err());
+    }
+}

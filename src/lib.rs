@@ -1,0 +1,102 @@
+//! `apie-mcp` is an MCP stdio proxy that puts guardrails in front of any MCP server.
+//!
+//! A host launches it instead of the server; it spawns the server, relays newline-delimited
+//! JSON-RPC both ways, and holds every `tools/call` until the guard has decided on it.
+//!
+//! # Layout
+//! - [`cli`]: the command line as written (clap).
+//! - [`config`]: `apie.mcp.json` and the flags, merged and validated before anything runs.
+//! - [`jsonrpc`]: the JSON-RPC envelope: one-pass classification, ids, error answers.
+//! - [`framing`]: newline framing with a length cap; the one writer per output.
+//! - [`upstream`]: the server's process group, and the shutdown cascade.
+//! - [`relay`]: the session: one reader task per direction, guarded forwarding.
+//! - [`guard`]: decisions and the mode table; [`guard::metadata`] (tool facts and risk) and
+//!   [`guard::rules`] (local rules).
+//! - [`audit`]: the JSONL audit log.
+//! - [`check`]: `apie-mcp check`.
+
+pub mod audit;
+pub mod check;
+pub mod cli;
+pub mod config;
+pub mod framing;
+pub mod guard;
+pub mod jsonrpc;
+pub mod relay;
+pub mod upstream;
+
+use clap::Parser;
+
+/// Exit code for usage and config errors (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+
+/// The whole program: parse the command line, then run the proxy or a subcommand.
+/// Returns the process exit code.
+pub fn main() -> u8 {
+    let cli = match cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { EXIT_USAGE } else { 0 };
+            // Help and version go to stdout, as users expect of `--help`; errors to stderr.
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(cli.run.log_level.as_deref());
+    match cli.command {
+        Some(cli::Command::Check(args)) => check::run(&args),
+        None => proxy(cli.run),
+    }
+}
+
+fn proxy(args: cli::RunArgs) -> u8 {
+    let config = match config::load(&args, &config::ProcessEnv) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("apie-mcp: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let audit = match &config.audit {
+        Some(path) => match audit::Audit::open(path) {
+            Ok(audit) => audit,
+            Err(e) => {
+                eprintln!("apie-mcp: audit: {e}");
+                return EXIT_USAGE;
+            }
+        },
+        None => audit::Audit::disabled(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("apie-mcp: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    let code = runtime.block_on(relay::run(config, audit));
+    // The blocking stdin read cannot be cancelled; do not wait for it.
+    runtime.shutdown_background();
+    code
+}
+
+fn init_logging(level: Option<&str>) {
+    use std::io::IsTerminal;
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => EnvFilter::new(level),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .try_init();
+}
