@@ -253,10 +253,10 @@ impl<'a> Fields<'a> {
         if self.jsonrpc.map(RawValue::get) != Some("\"2.0\"") {
             return reject("Invalid Request: jsonrpc must be \"2.0\"".into());
         }
-        if let Some(params) = self.params {
-            if !matches!(params.get().as_bytes().first(), Some(b'{' | b'[')) {
-                return reject("Invalid Request: params must be an object or an array".into());
-            }
+        if let Some(params) = self.params
+            && !matches!(params.get().as_bytes().first(), Some(b'{' | b'['))
+        {
+            return reject("Invalid Request: params must be an object or an array".into());
         }
         match (self.method, self.result, self.error) {
             (Some(method), None, None) => {
@@ -312,12 +312,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                 while let Some(key) = map.next_key::<strict::Key<'de>>()? {
                     let value: &'de RawValue = map.next_value()?;
                     let key = key.0;
-                    if fields.key_problem.is_none() {
-                        if let Some(clash) = keys.insert(&key) {
-                            fields.key_problem = Some(format!(
-                                "duplicate member {key:?} (same as {clash:?} ignoring case)"
-                            ));
-                        }
+                    if fields.key_problem.is_none()
+                        && let Some(clash) = keys.insert(&key)
+                    {
+                        fields.key_problem = Some(strict::clash_message("member", &key, &clash));
                     }
                     let slot = match &*key {
                         "jsonrpc" => &mut fields.jsonrpc,
@@ -327,13 +325,12 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                         "result" => &mut fields.result,
                         "error" => &mut fields.error,
                         other => {
-                            if fields.key_problem.is_none() {
-                                if let Some(m) =
+                            if fields.key_problem.is_none()
+                                && let Some(m) =
                                     MEMBERS.iter().find(|m| strict::eq_ignore_case(m, other))
-                                {
-                                    fields.key_problem =
-                                        Some(format!("member {other:?} must be spelled {m:?}"));
-                                }
+                            {
+                                fields.key_problem =
+                                    Some(format!("member {other:?} must be spelled {m:?}"));
                             }
                             continue;
                         }

@@ -221,7 +221,9 @@ impl Shared {
             let done = match p.batch {
                 Some(b) => {
                     let mut batches = self.batches();
-                    batches.1.get_mut(&b).map(|acc| acc.responses.push(msg));
+                    if let Some(acc) = batches.1.get_mut(&b) {
+                        acc.responses.push(msg);
+                    }
                     take_if_complete(&mut batches.1, b)
                 }
                 None => Some(msg),
@@ -378,6 +380,13 @@ impl HostSide<'_> {
                 );
                 self.forward(raw).await;
             }
+            Kind::Notification { method } if method == "notifications/cancelled" => {
+                // The host no longer wants an answer: do not invent one if the server dies.
+                if let Some(id) = cancelled_id(msg.params) {
+                    self.shared.pending().remove(&id);
+                }
+                self.forward(raw).await
+            }
             Kind::Notification { .. } | Kind::Response { .. } => self.forward(raw).await,
         }
     }
@@ -452,6 +461,17 @@ impl HostSide<'_> {
         );
         self.forward(raw).await
     }
+}
+
+/// The `requestId` of a `notifications/cancelled`.
+fn cancelled_id(params: Option<&RawValue>) -> Option<Id> {
+    #[derive(Deserialize)]
+    struct Cancelled<'a> {
+        #[serde(rename = "requestId", borrow)]
+        request_id: &'a RawValue,
+    }
+    let params: Cancelled<'_> = serde_json::from_str(params?.get()).ok()?;
+    Id::from_raw(params.request_id)
 }
 
 /// The parts of a `tools/call` the guard reads, parsed strictly (see [`jsonrpc::strict`]).

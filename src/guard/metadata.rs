@@ -91,6 +91,12 @@ impl<'de> Deserialize<'de> for RiskLevel {
 pub struct Glob {
     source: Box<str>,
     kind: GlobKind,
+    /// Cheap rejections checked before `kind`: the fewest bytes a match has, and the (lowercase)
+    /// first and last bytes when the pattern starts or ends with a literal.
+    min_len: usize,
+    head: Option<u8>,
+    tail: Option<u8>,
+    has_dot: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -111,7 +117,9 @@ enum GlobKind {
 
 impl Glob {
     pub fn new(pattern: &str) -> Glob {
-        let bytes = pattern.as_bytes();
+        // Stored ASCII-lowercased; the text is lowercased byte by byte while matching.
+        let lowered = pattern.to_ascii_lowercase();
+        let bytes = lowered.as_bytes();
         let is_wild = |b: &u8| *b == b'*' || *b == b'?';
         let kind = if !bytes.iter().any(is_wild) {
             GlobKind::Literal(bytes.into())
@@ -135,9 +143,14 @@ impl Glob {
                 }
             }
         };
+        let literal_byte = |b: Option<&u8>| b.copied().filter(|b| !is_wild(b));
         Glob {
             source: pattern.into(),
             kind,
+            min_len: bytes.iter().filter(|b| **b != b'*').count(),
+            head: literal_byte(bytes.first()),
+            tail: literal_byte(bytes.last()),
+            has_dot: bytes.contains(&b'.'),
         }
     }
 
@@ -156,15 +169,50 @@ impl Glob {
         matches!(self.kind, GlobKind::Literal(_))
     }
 
+    #[inline]
     pub fn is_match(&self, text: &str) -> bool {
         let t = text.as_bytes();
-        match &self.kind {
-            GlobKind::Literal(l) => t.eq_ignore_ascii_case(l),
+        if t.len() < self.min_len
+            || self
+                .head
+                .is_some_and(|h| t.first().map(u8::to_ascii_lowercase) != Some(h))
+            || self
+                .tail
+                .is_some_and(|z| t.last().map(u8::to_ascii_lowercase) != Some(z))
+        {
+            return false;
+        }
+        self.match_kind(t)
+    }
+
+    /// Whether the glob matches a tool's bare `name` or its `qualified` name, which is
+    /// `<server>.<name>` (as [`ToolCatalog::describe`] builds it; when the lengths say otherwise,
+    /// `qualified` is matched as it is). A pattern without a dot or `?` cannot span the dot, so
+    /// against the qualified name it can only match inside the server part (the name part was
+    /// tested already): literals and suffixes never, prefixes and infixes in the shorter server.
+    #[inline]
+    pub fn matches_tool(&self, name: &str, server: &str, qualified: &str) -> bool {
+        if self.is_match(name) {
+            return true;
+        }
+        let split = !self.has_dot && qualified.len() == server.len() + 1 + name.len();
+        match self.kind {
+            GlobKind::Literal(_) | GlobKind::Suffix(_) if split => false,
+            GlobKind::Prefix(_) | GlobKind::Contains(_) if split => self.is_match(server),
             GlobKind::Any => true,
-            GlobKind::Prefix(p) => t.len() >= p.len() && t[..p.len()].eq_ignore_ascii_case(p),
-            GlobKind::Suffix(s) => {
-                t.len() >= s.len() && t[t.len() - s.len()..].eq_ignore_ascii_case(s)
-            }
+            _ => self.is_match(qualified),
+        }
+    }
+
+    fn match_kind(&self, t: &[u8]) -> bool {
+        match &self.kind {
+            GlobKind::Literal(l) => eq_lower(t, l),
+            GlobKind::Any => true,
+            GlobKind::Prefix(p) => t.get(..p.len()).is_some_and(|head| eq_lower(head, p)),
+            GlobKind::Suffix(s) => t
+                .len()
+                .checked_sub(s.len())
+                .is_some_and(|start| eq_lower(&t[start..], s)),
             GlobKind::Contains(c) => contains_ignore_ascii_case(t, c),
             GlobKind::General(p) => wildcard_match(p, t),
         }
@@ -177,17 +225,25 @@ impl fmt::Display for Glob {
     }
 }
 
+/// `text` equals `lower` (already ASCII-lowercase), ignoring ASCII case.
+fn eq_lower(text: &[u8], lower: &[u8]) -> bool {
+    text.len() == lower.len()
+        && text
+            .iter()
+            .zip(lower)
+            .all(|(t, l)| t.to_ascii_lowercase() == *l)
+}
+
+/// `haystack` contains `needle` (already ASCII-lowercase), ignoring ASCII case.
 fn contains_ignore_ascii_case(haystack: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, _)) = needle.split_first() else {
+    let Some((&first, rest)) = needle.split_first() else {
         return true;
     };
-    if needle.len() > haystack.len() {
+    let Some(last_start) = haystack.len().checked_sub(needle.len()) else {
         return false;
-    }
-    let last_start = haystack.len() - needle.len();
-    (0..=last_start).any(|i| {
-        haystack[i].eq_ignore_ascii_case(&first)
-            && haystack[i..i + needle.len()].eq_ignore_ascii_case(needle)
+    };
+    haystack[..=last_start].iter().enumerate().any(|(i, b)| {
+        b.to_ascii_lowercase() == first && eq_lower(&haystack[i + 1..i + needle.len()], rest)
     })
 }
 
@@ -202,7 +258,8 @@ fn utf8_len(lead: u8) -> usize {
 }
 
 /// Iterative `*`/`?` matcher with single-star backtracking; linear in practice, O(p·t) at worst.
-/// `text` is valid UTF-8, so `?` and star backtracking step over whole characters.
+/// `pattern` is ASCII-lowercase; `text` is valid UTF-8, so `?` and star backtracking step over
+/// whole characters.
 fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
     let (mut pi, mut ti) = (0usize, 0usize);
     // (pattern index just after the last star, text index that star currently stops at)
@@ -219,7 +276,7 @@ fn wildcard_match(pattern: &[u8], text: &[u8]) -> bool {
                 ti = (ti + utf8_len(text[ti])).min(text.len());
                 continue;
             }
-            if pc.eq_ignore_ascii_case(&text[ti]) {
+            if pc == text[ti].to_ascii_lowercase() {
                 pi += 1;
                 ti += 1;
                 continue;
@@ -548,7 +605,7 @@ impl ToolCatalog {
             if !literal && first_glob.is_some() {
                 continue;
             }
-            if d.glob.is_match(name) || d.glob.is_match(qualified) {
+            if d.glob.matches_tool(name, &self.server_name, qualified) {
                 if literal {
                     return Some(d);
                 }
@@ -720,6 +777,90 @@ mod tests {
         assert!(Glob::new("*é*x").is_match("aébéx"));
         assert!(!Glob::new("").is_match("x"));
         assert!(Glob::new("").is_match(""));
+    }
+
+    /// Straightforward recursive reference for `*`/`?` globs over chars, ASCII case-insensitive.
+    fn reference(p: &[char], t: &[char]) -> bool {
+        match p.split_first() {
+            None => t.is_empty(),
+            Some(('*', rest)) => (0..=t.len()).any(|i| reference(rest, &t[i..])),
+            Some(('?', rest)) => !t.is_empty() && reference(rest, &t[1..]),
+            Some((c, rest)) => {
+                t.first().is_some_and(|x| x.eq_ignore_ascii_case(c)) && reference(rest, &t[1..])
+            }
+        }
+    }
+
+    /// Every string of length 0..=max over `alphabet`.
+    fn strings(alphabet: &[char], max: usize) -> Vec<String> {
+        let mut out = vec![String::new()];
+        let mut layer = vec![String::new()];
+        for _ in 0..max {
+            layer = layer
+                .iter()
+                .flat_map(|s| alphabet.iter().map(move |c| format!("{s}{c}")))
+                .collect();
+            out.extend(layer.iter().cloned());
+        }
+        out
+    }
+
+    #[test]
+    fn glob_agrees_with_reference_exhaustively() {
+        let patterns = strings(&['a', 'B', '*', '?', 'é'], 4);
+        let texts = strings(&['a', 'A', 'b', 'é'], 5);
+        for p in &patterns {
+            let g = Glob::new(p);
+            let pc: Vec<char> = p.chars().collect();
+            for t in &texts {
+                let tc: Vec<char> = t.chars().collect();
+                assert_eq!(g.is_match(t), reference(&pc, &tc), "{p:?} vs {t:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn matches_tool_agrees_with_matching_both_names() {
+        let patterns = [
+            "read_file",
+            "READ*",
+            "*file",
+            "*_fi*",
+            "srv*",
+            "*rv*",
+            "sr",
+            "*v.r*",
+            "srv.read_file",
+            "s?v*",
+            "*",
+            "?",
+            "*.*",
+            "*e",
+            "srv.*",
+            "*srv.read*",
+            "r*d_f*e",
+            "*ead_",
+            "fs*",
+        ];
+        for (server, name) in [
+            ("srv", "read_file"),
+            ("SRV", "Read_File"),
+            ("fs", "srv"),
+            ("a.b", "c.d"),
+            ("srv", ""),
+            ("", "x"),
+            ("café", "é"),
+        ] {
+            let qualified = format!("{server}.{name}");
+            for p in patterns {
+                let g = Glob::new(p);
+                assert_eq!(
+                    g.matches_tool(name, server, &qualified),
+                    g.is_match(name) || g.is_match(&qualified),
+                    "{p} vs {qualified}"
+                );
+            }
+        }
     }
 
     // ----- inference table -----

@@ -218,7 +218,9 @@ enum Matcher {
 impl Matcher {
     fn matches(&self, tool: &ToolMeta) -> bool {
         match self {
-            Matcher::Verb(g) => g.is_match(&tool.name) || g.is_match(&tool.qualified),
+            Matcher::Verb(g) => {
+                g.matches_tool(&tool.name, &tool.resource_provider, &tool.qualified)
+            }
             Matcher::Risk(r) => tool.risk == *r,
             Matcher::Provider(p) => tool.provider.eq_ignore_ascii_case(p),
             Matcher::Server(g) => g.is_match(&tool.resource_provider),
@@ -253,7 +255,8 @@ struct Segment {
 
 #[derive(Debug, Clone)]
 enum Field {
-    Args(Box<[Segment]>),
+    /// An index into [`RuleSet::paths`]: identical paths are resolved once per call.
+    Args(usize),
     ToolName,
     ToolQualifiedName,
     ToolProvider,
@@ -400,10 +403,18 @@ enum Test {
     NotExists,
 }
 
+/// The part of a condition that evaluation reads.
 #[derive(Debug, Clone)]
-struct Condition {
+struct Check {
     field: Field,
     test: Test,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    /// Position in the rule's `conditions` as written (they are evaluated cheapest first).
+    pos: usize,
+    check: Check,
     operator: Operator,
     /// The field and value as written, for `describe`.
     field_src: String,
@@ -475,6 +486,49 @@ fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
     }
 }
 
+/// How many distinct `args` paths are remembered per call; further paths are walked each time.
+const CACHED_PATHS: usize = 16;
+
+#[derive(Clone, Copy)]
+enum Slot<'a> {
+    Unknown,
+    Missing,
+    Found(&'a Value),
+}
+
+/// Per-call state of one evaluation: the `args` paths resolved so far. Lives on the stack.
+struct Scratch<'a, 'p> {
+    args: &'a Value,
+    paths: &'p [Box<[Segment]>],
+    slots: [Slot<'a>; CACHED_PATHS],
+}
+
+impl<'a, 'p> Scratch<'a, 'p> {
+    fn new(args: &'a Value, paths: &'p [Box<[Segment]>]) -> Self {
+        Scratch {
+            args,
+            paths,
+            slots: [Slot::Unknown; CACHED_PATHS],
+        }
+    }
+
+    fn arg(&mut self, id: usize) -> Option<&'a Value> {
+        let walk_path = |args, paths: &[Box<[Segment]>]| walk(args, paths.get(id)?);
+        let Some(slot) = self.slots.get_mut(id) else {
+            return walk_path(self.args, self.paths);
+        };
+        match *slot {
+            Slot::Found(v) => Some(v),
+            Slot::Missing => None,
+            Slot::Unknown => {
+                let found = walk_path(self.args, self.paths);
+                *slot = found.map_or(Slot::Missing, Slot::Found);
+                found
+            }
+        }
+    }
+}
+
 /// Object key lookup: the exact key, else a key equal ignoring ASCII case.
 fn lookup<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     map.get(key).or_else(|| {
@@ -495,11 +549,15 @@ fn walk<'a>(mut v: &'a Value, path: &[Segment]) -> Option<&'a Value> {
     Some(v)
 }
 
-fn resolve<'a>(field: &Field, call: &CallFacts<'a>) -> Option<Val<'a>> {
+fn resolve<'a>(
+    field: &Field,
+    call: &CallFacts<'a>,
+    scratch: &mut Scratch<'a, '_>,
+) -> Option<Val<'a>> {
     let tool = call.tool;
     let rt = call.runtime;
     Some(match field {
-        Field::Args(path) => Val::Json(walk(call.args, path)?),
+        Field::Args(id) => Val::Json(scratch.arg(*id)?),
         Field::ToolName => Val::Str(&tool.name),
         Field::ToolQualifiedName => Val::Str(&tool.qualified),
         Field::ToolProvider => Val::Str(&tool.provider),
@@ -519,8 +577,14 @@ fn resolve<'a>(field: &Field, call: &CallFacts<'a>) -> Option<Val<'a>> {
 }
 
 impl Condition {
-    fn holds(&self, call: &CallFacts<'_>) -> bool {
-        let Some(v) = resolve(&self.field, call) else {
+    fn holds<'a>(&self, call: &CallFacts<'a>, scratch: &mut Scratch<'a, '_>) -> bool {
+        self.check.holds(call, scratch)
+    }
+}
+
+impl Check {
+    fn holds<'a>(&self, call: &CallFacts<'a>, scratch: &mut Scratch<'a, '_>) -> bool {
+        let Some(v) = resolve(&self.field, call, scratch) else {
             return matches!(
                 self.test,
                 Test::NotEquals(_) | Test::NotContains(_) | Test::NotIn(_) | Test::NotExists
@@ -575,10 +639,6 @@ impl Rule {
         }
     }
 
-    fn applies(&self, call: &CallFacts<'_>) -> bool {
-        self.selects(call.tool) && self.conditions.iter().all(|c| c.holds(call))
-    }
-
     fn matches_every_call(&self) -> bool {
         self.conditions.is_empty()
             && self
@@ -601,7 +661,9 @@ impl Rule {
                 }
             }
         }
-        for (i, c) in self.conditions.iter().enumerate() {
+        let mut written: Vec<&Condition> = self.conditions.iter().collect();
+        written.sort_by_key(|c| c.pos);
+        for (i, c) in written.into_iter().enumerate() {
             out.push_str(if i == 0 { " if " } else { " and " });
             let _ = write!(
                 out,
@@ -621,25 +683,83 @@ impl Rule {
     }
 }
 
+#[derive(Debug, Clone)]
+struct HotRule {
+    matchers: Option<std::ops::Range<usize>>,
+    conditions: std::ops::Range<usize>,
+}
+
 /// The compiled `policies`, in order.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
     rules: Vec<Rule>,
+    /// The evaluation view: `hot[i]` is `rules[i]` as ranges into two flat arrays, so that a
+    /// pass over the rules reads contiguous memory.
+    hot: Vec<HotRule>,
+    matchers: Vec<Matcher>,
+    conditions: Vec<Check>,
+    /// Every distinct `args` path the conditions read.
+    paths: Vec<Box<[Segment]>>,
 }
 
 impl RuleSet {
     pub fn compile(raw: Vec<RawRule>) -> Result<RuleSet, RuleError> {
+        let mut paths = PathTable::default();
         let rules = raw
             .into_iter()
             .enumerate()
-            .map(|(i, r)| compile_rule(i, r))
+            .map(|(i, r)| compile_rule(i, r, &mut paths))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(RuleSet { rules })
+        let mut matchers = Vec::new();
+        let mut conditions = Vec::new();
+        let hot = rules
+            .iter()
+            .map(|r| {
+                let m = r.matchers.as_ref().map(|ms| {
+                    let start = matchers.len();
+                    matchers.extend(ms.iter().cloned());
+                    start..matchers.len()
+                });
+                let start = conditions.len();
+                conditions.extend(r.conditions.iter().map(|c| c.check.clone()));
+                HotRule {
+                    matchers: m,
+                    conditions: start..conditions.len(),
+                }
+            })
+            .collect();
+        Ok(RuleSet {
+            rules,
+            hot,
+            matchers,
+            conditions,
+            paths: paths.paths,
+        })
     }
 
     /// The first rule matching the call.
     pub fn evaluate<'s>(&'s self, call: &CallFacts<'_>) -> Option<&'s Rule> {
-        self.rules.iter().find(|r| r.applies(call))
+        let mut scratch = Scratch::new(call.args, &self.paths);
+        let tool = call.tool;
+        let position = self.hot.iter().position(|h| {
+            let selected = match &h.matchers {
+                None => true,
+                Some(range) => self
+                    .matchers
+                    .get(range.clone())
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|m| m.matches(tool)),
+            };
+            selected
+                && self
+                    .conditions
+                    .get(h.conditions.clone())
+                    .unwrap_or_default()
+                    .iter()
+                    .all(|c| c.holds(call, &mut scratch))
+        });
+        self.rules.get(position?)
     }
 
     /// True when, for every possible `args`, the decision for this tool is `Block`. Rules whose
@@ -659,6 +779,7 @@ impl RuleSet {
             args: &NO_ARGS,
             runtime,
         };
+        let mut scratch = Scratch::new(&NO_ARGS, &self.paths);
         for rule in &self.rules {
             if !rule.selects(tool) {
                 continue;
@@ -669,7 +790,7 @@ impl RuleSet {
                 .conditions
                 .iter()
                 .filter(|c| !c.reads_args)
-                .all(|c| c.holds(&call));
+                .all(|c| c.holds(&call, &mut scratch));
             if !static_ok {
                 continue;
             }
@@ -703,14 +824,16 @@ impl RuleSet {
                     rule.name, catch_all.index, catch_all.name
                 ));
             }
-            for (j, c) in rule.conditions.iter().enumerate() {
-                if c.value_ignored {
-                    out.push(format!(
-                        "rule [{i}] {:?}: conditions[{j}] `{}` ignores its value",
-                        rule.name,
-                        c.operator.as_str()
-                    ));
-                }
+            let mut ignored: Vec<&Condition> =
+                rule.conditions.iter().filter(|c| c.value_ignored).collect();
+            ignored.sort_by_key(|c| c.pos);
+            for c in ignored {
+                out.push(format!(
+                    "rule [{i}] {:?}: conditions[{}] `{}` ignores its value",
+                    rule.name,
+                    c.pos,
+                    c.operator.as_str()
+                ));
             }
         }
         out
@@ -721,7 +844,26 @@ impl RuleSet {
 // Compilation
 // ---------------------------------------------------------------------------------------------
 
-fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, RuleError> {
+/// Interns `args` paths so that each distinct one is resolved at most once per call.
+#[derive(Default)]
+struct PathTable {
+    ids: std::collections::HashMap<String, usize>,
+    paths: Vec<Box<[Segment]>>,
+}
+
+impl PathTable {
+    fn intern(&mut self, src: &str, segments: Box<[Segment]>) -> usize {
+        if let Some(&id) = self.ids.get(src) {
+            return id;
+        }
+        let id = self.paths.len();
+        self.paths.push(segments);
+        self.ids.insert(src.to_owned(), id);
+        id
+    }
+}
+
+fn compile_rule(i: usize, raw: RawRule, paths: &mut PathTable) -> Result<Rule, RuleError> {
     if raw.name.trim().is_empty() {
         return Err(rule_error(format!("[{i}].name"), "must not be empty"));
     }
@@ -740,13 +882,15 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, RuleError> {
                 .collect::<Result<Box<[_]>, _>>()?,
         ),
     };
-    let conditions = raw
+    let mut conditions = raw
         .conditions
         .unwrap_or_default()
         .into_iter()
         .enumerate()
-        .map(|(j, c)| compile_condition(&format!("[{i}].conditions[{j}]"), c))
-        .collect::<Result<Box<[_]>, _>>()?;
+        .map(|(j, c)| compile_condition(&format!("[{i}].conditions[{j}]"), j, c, paths))
+        .collect::<Result<Vec<_>, _>>()?;
+    // All-of has no side effects: test the fixed facts before walking the arguments.
+    conditions.sort_by_key(|c| c.reads_args);
     Ok(Rule {
         name: raw.name,
         decision: raw.action.kind.decision(),
@@ -754,7 +898,7 @@ fn compile_rule(i: usize, raw: RawRule) -> Result<Rule, RuleError> {
         index: i,
         action: raw.action.kind,
         matchers,
-        conditions,
+        conditions: conditions.into_boxed_slice(),
     })
 }
 
@@ -781,7 +925,7 @@ fn compile_matcher(path: String, m: RawVerbMatcher) -> Result<Matcher, RuleError
     })
 }
 
-fn parse_field(src: &str) -> Result<Field, String> {
+fn parse_field(src: &str, paths: &mut PathTable) -> Result<Field, String> {
     let mut parts = src.split('.');
     let root = parts.next().unwrap_or_default();
     let rest: Vec<&str> = parts.collect();
@@ -802,8 +946,9 @@ fn parse_field(src: &str) -> Result<Field, String> {
         }
     };
     match root {
-        "args" => Ok(Field::Args(
-            rest.iter()
+        "args" => {
+            let segments = rest
+                .iter()
                 .map(|s| Segment {
                     key: (*s).into(),
                     index: if s.bytes().all(|b| b.is_ascii_digit()) {
@@ -812,8 +957,9 @@ fn parse_field(src: &str) -> Result<Field, String> {
                         None
                     },
                 })
-                .collect(),
-        )),
+                .collect();
+            Ok(Field::Args(paths.intern(src, segments)))
+        }
         "tool" => fixed(
             &[
                 (&["name"], Field::ToolName),
@@ -858,8 +1004,14 @@ fn parse_field(src: &str) -> Result<Field, String> {
     }
 }
 
-fn compile_condition(path: &str, raw: RawCondition) -> Result<Condition, RuleError> {
-    let field = parse_field(&raw.field).map_err(|m| rule_error(format!("{path}.field"), m))?;
+fn compile_condition(
+    path: &str,
+    pos: usize,
+    raw: RawCondition,
+    paths: &mut PathTable,
+) -> Result<Condition, RuleError> {
+    let field =
+        parse_field(&raw.field, paths).map_err(|m| rule_error(format!("{path}.field"), m))?;
     let value_path = || format!("{path}.value");
     let op = raw.operator;
     let needs_value = |v: Option<Value>| -> Result<Value, RuleError> {
@@ -938,9 +1090,9 @@ fn compile_condition(path: &str, raw: RawCondition) -> Result<Condition, RuleErr
         }
     };
     Ok(Condition {
+        pos,
         reads_args: matches!(field, Field::Args(_)),
-        field,
-        test,
+        check: Check { field, test },
         operator: op,
         field_src: raw.field,
         value_src,

@@ -102,9 +102,27 @@ pub fn parse_exact(json: &str) -> Result<Value, String> {
 
 fn parse_with(json: &str, seed: StrictSeed) -> Result<Value, String> {
     let mut de = serde_json::Deserializer::from_str(json);
-    let value = seed.deserialize(&mut de).map_err(|e| e.to_string())?;
-    de.end().map_err(|e| e.to_string())?;
+    let value = seed.deserialize(&mut de).map_err(message)?;
+    de.end().map_err(message)?;
     Ok(value)
+}
+
+/// The error without serde_json's position, which would point into the middle of a line.
+fn message(e: serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rsplit_once(" at line ") {
+        Some((msg, _)) => msg.to_string(),
+        None => text,
+    }
+}
+
+/// How a clash is described.
+pub fn clash_message(what: &str, key: &str, clash: &str) -> String {
+    if key == clash {
+        format!("duplicate {what} {key:?}")
+    } else {
+        format!("duplicate {what} {key:?} (same as {clash:?} ignoring case)")
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -161,9 +179,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if self.0.fold_case {
                 if let Some(clash) = keys.insert(&key) {
-                    return Err(de::Error::custom(format!(
-                        "duplicate key {key:?} (same as {clash:?} ignoring case)"
-                    )));
+                    return Err(de::Error::custom(clash_message("key", &key, &clash)));
                 }
             } else if object.contains_key(&*key) {
                 return Err(de::Error::custom(format!("key {key:?} given twice")));
