@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::cli::{CheckArgs, RunArgs};
 use crate::config::{self, Config, Env, FailureMode, ProcessEnv};
 use crate::guard::Mode;
+use crate::guard::metadata::RawToolDecl;
 
 pub fn run(args: &CheckArgs) -> u8 {
     let run_args = RunArgs {
@@ -79,6 +80,39 @@ fn is_loopback(url: &str) -> bool {
     host == "localhost" || host.starts_with("127.") || url.starts_with("http://[::1]")
 }
 
+/// One declared tool, as `risk high, provider cicd, action execute, resource pipeline_run`.
+fn describe_decl(decl: &RawToolDecl) -> String {
+    let mut parts = Vec::new();
+    if let Some(risk) = decl.risk_level {
+        parts.push(format!("risk {}", risk.as_str()));
+    }
+    if let Some(provider) = &decl.provider {
+        parts.push(format!("provider {provider}"));
+    }
+    if let Some(action) = &decl.action {
+        let name = action
+            .name
+            .as_deref()
+            .map(|n| format!(" {n}"))
+            .unwrap_or_default();
+        parts.push(format!("action {}{name}", action.kind));
+    }
+    if let Some(r) = &decl.resource {
+        let fields = [
+            r.kind.as_deref(),
+            r.environment.as_deref(),
+            r.external_id.as_deref(),
+        ];
+        let text: Vec<&str> = fields.into_iter().flatten().collect();
+        parts.push(format!("resource {}", text.join(" ")));
+    }
+    if parts.is_empty() {
+        "(nothing declared)".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
 /// The effective policy, as text.
 pub fn report(config: &Config, env: &dyn Env) -> String {
     let mut s = String::new();
@@ -140,7 +174,7 @@ pub fn report(config: &Config, env: &dyn Env) -> String {
     if !config.tool_decls.is_empty() {
         let _ = writeln!(s, "\ndeclared tools:");
         for (name, decl) in &config.tool_decls {
-            let _ = writeln!(s, "  {name}: {decl:?}");
+            let _ = writeln!(s, "  {name}: {}", describe_decl(decl));
         }
     }
     let _ = writeln!(s, "\nrules (first match wins):");

@@ -567,7 +567,7 @@ pub fn resolve(
         .map(|t| t.0)
         .unwrap_or_default();
     let catalog = ToolCatalog::new(&server_name, environment.as_deref(), tool_decls.clone())
-        .map_err(|e| ConfigError::at(entry("tools"), e.to_string()))?;
+        .map_err(|e| ConfigError::at(format!("{}{}", entry("tools"), e.path), e.message))?;
 
     let policies = RuleSet::compile(
         server

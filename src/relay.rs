@@ -426,25 +426,25 @@ impl HostSide<'_> {
             Action::Forward { outcome } => {
                 match outcome {
                     "would_block" => {
-                        tracing::warn!(tool = %call.name, rule = ?eval.rule(), "would block in enforce mode: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "would block in enforce mode: {}", eval.reason())
                     }
                     "would_require_approval" => {
-                        tracing::warn!(tool = %call.name, rule = ?eval.rule(), "would require approval in enforce mode: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "would require approval in enforce mode: {}", eval.reason())
                     }
                     _ if eval.decision == guard::Decision::Warn => {
-                        tracing::warn!(tool = %call.name, rule = ?eval.rule(), "warn: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "warn: {}", eval.reason())
                     }
                     _ => tracing::debug!(tool = %call.name, "allowed"),
                 }
                 self.forward_call(id, raw, batch).await
             }
             Action::Block => {
-                tracing::warn!(tool = %call.name, rule = ?eval.rule(), "blocked: {}", eval.reason());
+                tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "blocked: {}", eval.reason());
                 let msg = shared.blocked(id, &call, &eval);
                 shared.reply(batch, msg).await
             }
             Action::AskApproval => {
-                tracing::warn!(tool = %call.name, rule = ?eval.rule(), "needs approval, and no approval channel is available: denied");
+                tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "needs approval, and no approval channel is available: denied");
                 let msg = shared.not_approved(id, &call, &eval);
                 shared.reply(batch, msg).await
             }

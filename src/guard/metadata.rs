@@ -585,6 +585,8 @@ impl ToolCatalog {
                 resource_external_id,
             });
         }
+        // Compile the inference table now, not on the first call the host makes.
+        LazyLock::force(&INFER_SET);
         Ok(ToolCatalog {
             server_name: server_name.to_owned(),
             environment: environment.map(str::to_owned),
