@@ -89,7 +89,15 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     // Stop reading the host: that drops the last sender to the upstream writer, which then
     // closes the server's stdin, the primary shutdown signal for a stdio server.
     host_reader.abort();
-    let _ = upstream_writer.await;
+    // A server that stopped reading cannot hold the shutdown up: after the grace period its
+    // stdin is closed with whatever was still queued.
+    let mut upstream_writer = upstream_writer;
+    if tokio::time::timeout(upstream::GRACE, &mut upstream_writer)
+        .await
+        .is_err()
+    {
+        upstream_writer.abort();
+    }
     let status = match exited {
         Some(status) => {
             let _ = upstream.stop(upstream::GRACE).await;
@@ -113,7 +121,13 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
         }
     };
     drop(to_host);
-    let _ = host_writer.await;
+    // Likewise a host that stopped reading our stdout.
+    if tokio::time::timeout(upstream::GRACE, &mut host_writer)
+        .await
+        .is_err()
+    {
+        host_writer.abort();
+    }
     let mut audit = audit;
     audit.close();
 

@@ -138,8 +138,13 @@ impl Upstream {
         let _ = killpg(self.pgid, sig);
     }
 
+    /// True while a process of the group is running. A zombie does not count: once killed, a
+    /// grandchild waits to be reaped by init (which in some containers never comes).
     fn group_alive(&self) -> bool {
-        killpg(self.pgid, None).is_ok()
+        if killpg(self.pgid, None).is_err() {
+            return false;
+        }
+        live_members(self.pgid.as_raw()).unwrap_or(true)
     }
 
     async fn group_gone_within(&self, limit: Duration) -> bool {
@@ -152,6 +157,31 @@ impl Upstream {
         }
         !self.group_alive()
     }
+}
+
+/// Whether `/proc` shows a live (not zombie) process in group `pgid`; `None` without `/proc`.
+fn live_members(pgid: i32) -> Option<bool> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+        if pgrp == Some(pgid) && !matches!(state, Some("Z" | "X")) {
+            return Some(true);
+        }
+    }
+    Some(false)
 }
 
 /// The exit code a status stands for: the code, or 128 + the signal that ended the process.
