@@ -75,9 +75,13 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
 
     let mut signals = Signals::new();
     let mut exited = None;
+    let mut host_gone = false;
     let quit = tokio::select! {
         _ = &mut host_reader => Quit::HostClosed,
-        _ = &mut host_writer => Quit::HostClosed,
+        _ = &mut host_writer => {
+            host_gone = true;
+            Quit::HostClosed
+        }
         sig = signals.recv() => Quit::Signal(sig),
         status = upstream.wait() => {
             exited = status.ok();
@@ -122,9 +126,10 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     };
     drop(to_host);
     // Likewise a host that stopped reading our stdout.
-    if tokio::time::timeout(upstream::GRACE, &mut host_writer)
-        .await
-        .is_err()
+    if !host_gone
+        && tokio::time::timeout(upstream::GRACE, &mut host_writer)
+            .await
+            .is_err()
     {
         host_writer.abort();
     }
@@ -577,23 +582,16 @@ impl Shared {
         }
         let reason = eval.reason();
         self.audit.write(&Record {
-            ts: audit::now(),
-            run_id: &self.run_id,
-            agent_key: &self.agent_key,
-            server: &self.server,
-            mode: self.mode.as_str(),
             request_id: Some(id.to_value()),
             tool: &eval.meta.name,
             risk_level: Some(eval.meta.risk.as_str()),
             decision: Some(eval.decision.as_str()),
-            outcome,
             rule: eval.rule(),
-            guardrail: None,
             reason: Some(&reason),
-            approval_id: None,
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             arguments_sha256: Some(digest),
+            ..self.record(outcome)
         });
     }
 
@@ -604,24 +602,34 @@ impl Shared {
         let call = ToolCall::read(params).ok();
         let digest = call.as_ref().map(|c| guard::arguments_digest(&c.arguments));
         self.audit.write(&Record {
+            tool: call.as_ref().map(|c| c.name.as_str()).unwrap_or(""),
+            reason: Some("tools/call sent as a notification (no id)"),
+            arguments_sha256: digest.as_deref(),
+            ..self.record("dropped")
+        });
+    }
+
+    /// An audit record of this session with nothing but the `outcome` filled in.
+    fn record<'a>(&'a self, outcome: &'a str) -> Record<'a> {
+        Record {
             ts: audit::now(),
             run_id: &self.run_id,
             agent_key: &self.agent_key,
             server: &self.server,
             mode: self.mode.as_str(),
             request_id: None,
-            tool: call.as_ref().map(|c| c.name.as_str()).unwrap_or(""),
+            tool: "",
             risk_level: None,
             decision: None,
-            outcome: "dropped",
+            outcome,
             rule: None,
             guardrail: None,
-            reason: Some("tools/call sent as a notification (no id)"),
+            reason: None,
             approval_id: None,
             status: None,
             latency_ms: 0.0,
-            arguments_sha256: digest.as_deref(),
-        });
+            arguments_sha256: None,
+        }
     }
 
     /// The answer to a blocked call (SPEC §7).
