@@ -26,7 +26,8 @@ pub struct Record<'a> {
     pub risk_level: Option<&'a str>,
     pub decision: Option<&'a str>,
     pub outcome: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The local rule that decided; `null` when none did (`riskDefaults`, or the service's
+    /// `guardrail` below).
     pub rule: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub guardrail: Option<&'a str>,
