@@ -91,23 +91,25 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     tracing::debug!(?quit, "session ending");
 
     // Stop reading the host: that drops the last sender to the upstream writer, which then
-    // closes the server's stdin, the primary shutdown signal for a stdio server.
+    // closes the server's stdin, the primary shutdown signal for a stdio server. The grace
+    // period runs from now, while the queue drains: a server that stopped reading cannot stretch
+    // it (its stdin is closed when the period ends, with whatever was still queued).
     host_reader.abort();
-    // A server that stopped reading cannot hold the shutdown up: after the grace period its
-    // stdin is closed with whatever was still queued.
     let mut upstream_writer = upstream_writer;
-    if tokio::time::timeout(upstream::GRACE, &mut upstream_writer)
-        .await
-        .is_err()
-    {
-        upstream_writer.abort();
-    }
+    let drain = async {
+        if tokio::time::timeout(upstream::GRACE, &mut upstream_writer)
+            .await
+            .is_err()
+        {
+            upstream_writer.abort();
+        }
+    };
     let status = match exited {
         Some(status) => {
-            let _ = upstream.stop(upstream::GRACE).await;
+            let _ = tokio::join!(drain, upstream.stop(upstream::GRACE));
             Some(status)
         }
-        None => upstream.stop(upstream::GRACE).await.ok(),
+        None => tokio::join!(drain, upstream.stop(upstream::GRACE)).1.ok(),
     };
     // The server is gone: read what it wrote last, then answer whatever it left unanswered.
     if tokio::time::timeout(upstream::GRACE, &mut upstream_reader)

@@ -1,5 +1,9 @@
 //! The integration-test crate: one binary, many modules.
 
+mod cli;
 mod direct;
+mod interop;
+mod proxy;
+mod shutdown;
 mod transcripts;
 mod util;
