@@ -369,6 +369,49 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
     }
 }
 
+// === rewriting messages ===
+
+/// Rewrites one member of a JSON object, keeping every other member's bytes as they are.
+/// `value` is JSON text. `None` when `object` is not a JSON object or lacks the member.
+pub fn replace_member(object: &str, member: &str, value: &str) -> Option<String> {
+    struct Members<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+    impl<'de: 'a, 'a> Deserialize<'de> for Members<'a> {
+        fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V<'a>(std::marker::PhantomData<&'a ()>);
+            impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+                type Value = Members<'a>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("an object")
+                }
+                fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Members<'a>, M::Error> {
+                    let mut members = Vec::new();
+                    while let Some(strict::Key(key)) = map.next_key::<strict::Key<'de>>()? {
+                        members.push((key, map.next_value::<&'de RawValue>()?));
+                    }
+                    Ok(Members(members))
+                }
+            }
+            d.deserialize_map(V(std::marker::PhantomData))
+        }
+    }
+    let Members(members) = serde_json::from_str(object).ok()?;
+    if !members.iter().any(|(k, _)| k == member) {
+        return None;
+    }
+    let mut out = String::with_capacity(object.len() + value.len());
+    out.push('{');
+    for (i, (key, raw)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&serde_json::to_string(key).ok()?);
+        out.push(':');
+        out.push_str(if key == member { value } else { raw.get() });
+    }
+    out.push('}');
+    Some(out)
+}
+
 // === building messages ===
 
 #[derive(Serialize)]
@@ -576,6 +619,17 @@ mod tests {
             classify_element(items[1]).unwrap_err().code,
             code::INVALID_REQUEST
         );
+    }
+
+    #[test]
+    fn one_member_is_rewritten_and_the_rest_kept_byte_for_byte() {
+        let line = r#"{"jsonrpc":"2.0", "id" : 0,"method":"roots/list","params":{"n":1.0}}"#;
+        assert_eq!(
+            replace_member(line, "id", r#""apie:1""#).unwrap(),
+            r#"{"jsonrpc":"2.0","id":"apie:1","method":"roots/list","params":{"n":1.0}}"#
+        );
+        assert_eq!(replace_member(line, "result", "1"), None);
+        assert_eq!(replace_member("[1]", "id", "1"), None);
     }
 
     #[test]

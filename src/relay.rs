@@ -118,7 +118,7 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     {
         upstream_reader.abort();
     }
-    shared.fail_pending();
+    shared.fail_pending().await;
     let Shared { to_host, audit, .. } = match Arc::try_unwrap(shared) {
         Ok(shared) => shared,
         Err(_) => {
@@ -155,6 +155,37 @@ struct Pending {
     batch: Option<u64>,
 }
 
+/// The id map for server→host requests: the host sees `"apie:<n>"`, the server its own id.
+#[derive(Default)]
+struct Outbound {
+    last: u64,
+    /// Host-side id → the server's id.
+    by_host_id: HashMap<Id, Id>,
+}
+
+impl Outbound {
+    fn remap(&mut self, server_id: &Id) -> Id {
+        self.last += 1;
+        let id = Id::String(format!("apie:{}", self.last).into());
+        self.by_host_id.insert(id.clone(), server_id.clone());
+        id
+    }
+
+    /// The host-side id of a server request still in flight.
+    fn host_id_of(&self, server_id: &Id) -> Option<Id> {
+        self.by_host_id
+            .iter()
+            .find(|(_, s)| *s == server_id)
+            .map(|(h, _)| h.clone())
+    }
+}
+
+/// `raw` with its top-level `id` replaced.
+fn with_id(raw: &[u8], id: &Id) -> Option<Bytes> {
+    let text = std::str::from_utf8(raw).ok()?;
+    jsonrpc::replace_member(text, "id", &id.to_json()).map(Bytes::from)
+}
+
 /// Responses being gathered for a batch the host sent.
 struct Batch {
     /// How many responses the batch gets; unknown until every element was handled.
@@ -175,6 +206,9 @@ struct Shared {
     /// Host requests in flight upstream, by id.
     pending: Mutex<HashMap<Id, Pending>>,
     batches: Mutex<(u64, HashMap<u64, Batch>)>,
+    /// Server→host requests in flight, by the id the host saw (SPEC §7: remapped, so requests
+    /// the proxy itself sends the host can never collide with the server's).
+    outbound: Mutex<Outbound>,
     /// The host writer's queue. Held here so both readers (and shutdown) can answer the host.
     to_host: mpsc::Sender<Bytes>,
 }
@@ -192,6 +226,7 @@ impl Shared {
             guard: Guard::new(config),
             pending: Mutex::new(HashMap::new()),
             batches: Mutex::new((0, HashMap::new())),
+            outbound: Mutex::new(Outbound::default()),
             to_host,
         }
     }
@@ -202,6 +237,10 @@ impl Shared {
 
     fn batches(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Batch>)> {
         self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn outbound(&self) -> std::sync::MutexGuard<'_, Outbound> {
+        self.outbound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Sends a message to the host, or adds it to its batch.
@@ -229,7 +268,7 @@ impl Shared {
     }
 
     /// Answers every request still pending: the server will not.
-    fn fail_pending(&self) {
+    async fn fail_pending(&self) {
         let pending: Vec<(Id, Pending)> = self.pending().drain().collect();
         for (id, p) in pending {
             let msg = jsonrpc::error_response(
@@ -250,7 +289,7 @@ impl Shared {
                 None => Some(msg),
             };
             if let Some(msg) = done {
-                let _ = self.to_host.try_send(msg);
+                let _ = self.to_host.send(msg).await;
             }
         }
     }
@@ -408,7 +447,14 @@ impl HostSide<'_> {
                 }
                 self.forward(raw).await
             }
-            Kind::Notification { .. } | Kind::Response { .. } => self.forward(raw).await,
+            Kind::Response { id, .. } => {
+                let server_id = self.shared.outbound().by_host_id.remove(id);
+                match server_id.and_then(|server_id| with_id(&raw, &server_id)) {
+                    Some(raw) => self.forward(raw).await,
+                    None => tracing::warn!(%id, "dropped a host response to no request in flight"),
+                }
+            }
+            Kind::Notification { .. } => self.forward(raw).await,
         }
     }
 
@@ -772,13 +818,35 @@ async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
             };
             shared.reply(p.batch, raw).await
         }
+        Kind::Notification { method } if method == "notifications/cancelled" => {
+            // The server gave up on one of its requests: name it as the host knows it.
+            let remapped = cancelled_id(msg.params).and_then(|server_id| {
+                let mut outbound = shared.outbound();
+                let host_id = outbound.host_id_of(&server_id)?;
+                outbound.by_host_id.remove(&host_id);
+                let params =
+                    jsonrpc::replace_member(msg.params?.get(), "requestId", &host_id.to_json())?;
+                let text = std::str::from_utf8(&raw).ok()?;
+                jsonrpc::replace_member(text, "params", &params).map(Bytes::from)
+            });
+            shared.reply(None, remapped.unwrap_or(raw)).await
+        }
         Kind::Notification { method } => {
             if method == "notifications/tools/list_changed" {
                 shared.guard.forget();
             }
             shared.reply(None, raw).await
         }
-        Kind::Request { .. } => shared.reply(None, raw).await,
+        Kind::Request { id, .. } => {
+            let host_id = shared.outbound().remap(id);
+            match with_id(&raw, &host_id) {
+                Some(raw) => shared.reply(None, raw).await,
+                None => {
+                    shared.outbound().by_host_id.remove(&host_id);
+                    tracing::warn!(%id, "dropped an upstream request whose id could not be remapped");
+                }
+            }
+        }
     }
 }
 
