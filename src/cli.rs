@@ -24,6 +24,28 @@ pub struct Cli {
 pub enum Command {
     /// Validate the config, print the effective policy and any warnings.
     Check(CheckArgs),
+    /// The local approval queue: calls held for a human, answered from any terminal.
+    #[command(subcommand)]
+    Approvals(ApprovalsCommand),
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ApprovalsCommand {
+    /// List the calls waiting for a human.
+    List,
+    /// Let a held call through.
+    Approve {
+        /// The approval id (apr_…), as the proxy printed it.
+        id: String,
+    },
+    /// Refuse a held call.
+    Reject {
+        /// The approval id (apr_…), as the proxy printed it.
+        id: String,
+        /// Why, for the agent and the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// Where the config comes from; shared by the proxy and `check`.

@@ -12,9 +12,11 @@
 //! - [`relay`]: the session: one reader task per direction, guarded forwarding.
 //! - [`guard`]: decisions and the mode table; [`guard::metadata`] (tool facts and risk) and
 //!   [`guard::rules`] (local rules).
+//! - [`approval`]: human approval: statuses and the local queue.
 //! - [`audit`]: the JSONL audit log.
 //! - [`check`]: `apie-mcp check`.
 
+pub mod approval;
 pub mod audit;
 pub mod check;
 pub mod cli;
@@ -45,6 +47,7 @@ pub fn main() -> u8 {
     init_logging(cli.run.log_level.as_deref());
     match cli.command {
         Some(cli::Command::Check(args)) => check::run(&args),
+        Some(cli::Command::Approvals(command)) => approval::cli(&command),
         None => proxy(cli.run),
     }
 }

@@ -16,16 +16,18 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
 
+use crate::approval::{self, Status};
 use crate::audit::{self, Audit, Record};
-use crate::config::{BlockResponse, Config, ErrorCodes};
+use crate::config::{ApprovalChannel, BlockResponse, Config, ErrorCodes};
 use crate::framing::{self, Frame, LineReader};
 use crate::guard::metadata::ListedTool;
 use crate::guard::{self, Action, Evaluation, Guard, Mode};
@@ -95,6 +97,7 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     // period runs from now, while the queue drains: a server that stopped reading cannot stretch
     // it (its stdin is closed when the period ends, with whatever was still queued).
     host_reader.abort();
+    shared.cancel_held().await;
     let mut upstream_writer = upstream_writer;
     let drain = async {
         if tokio::time::timeout(upstream::GRACE, &mut upstream_writer)
@@ -209,13 +212,35 @@ struct Shared {
     /// Server→host requests in flight, by the id the host saw (SPEC §7: remapped, so requests
     /// the proxy itself sends the host can never collide with the server's).
     outbound: Mutex<Outbound>,
+    /// The local approval queue, when `approvals.channels` lists `local`.
+    queue: Option<approval::Queue>,
+    approval_timeout: Duration,
+    max_pending_calls: usize,
+    /// Calls held for a human, by the host's id: sending on the channel ends the wait.
+    held: Mutex<HashMap<Id, oneshot::Sender<()>>>,
+    /// The tasks waiting on held calls, so shutdown can let them clean up.
+    held_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The host writer's queue. Held here so both readers (and shutdown) can answer the host.
     to_host: mpsc::Sender<Bytes>,
 }
 
 impl Shared {
     fn new(config: Config, audit: Audit, to_host: mpsc::Sender<Bytes>) -> Shared {
+        let queue = if config.mode == Mode::Enforce
+            && config.approval_channels.contains(&ApprovalChannel::Local)
+        {
+            approval::Queue::open_default()
+                .inspect_err(|e| tracing::warn!("local approvals unavailable: {e}"))
+                .ok()
+        } else {
+            None
+        };
         Shared {
+            queue,
+            approval_timeout: config.approval_timeout,
+            max_pending_calls: config.max_pending_calls,
+            held: Mutex::new(HashMap::new()),
+            held_tasks: Mutex::new(Vec::new()),
             mode: config.mode,
             audit,
             codes: config.error_codes,
@@ -237,6 +262,26 @@ impl Shared {
 
     fn batches(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Batch>)> {
         self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Id, oneshot::Sender<()>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn held_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.held_tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends every wait for a human (the session is over): each cleans up its queue entry and
+    /// drops its way to the upstream.
+    async fn cancel_held(&self) {
+        for (_, cancel) in self.held().drain() {
+            let _ = cancel.send(());
+        }
+        let tasks: Vec<_> = self.held_tasks().drain(..).collect();
+        for task in tasks {
+            let _ = tokio::time::timeout(upstream::GRACE, task).await;
+        }
     }
 
     fn outbound(&self) -> std::sync::MutexGuard<'_, Outbound> {
@@ -323,6 +368,7 @@ async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Bytes>, max: u
     let mut reader = LineReader::new(tokio::io::stdin(), max);
     let host = HostSide {
         shared: &shared,
+        shared_arc: &shared,
         to_upstream: &to_upstream,
     };
     loop {
@@ -353,7 +399,83 @@ async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Bytes>, max: u
 
 struct HostSide<'a> {
     shared: &'a Shared,
+    shared_arc: &'a Arc<Shared>,
     to_upstream: &'a mpsc::Sender<Bytes>,
+}
+
+/// A call waiting for a human, with everything needed to forward or refuse it later.
+struct HeldCall {
+    id: Id,
+    call: ToolCall,
+    eval: Evaluation,
+    digest: String,
+    raw: Bytes,
+    batch: Option<u64>,
+    started: Instant,
+}
+
+/// The wait for one held call: forwards it if approved, answers -32002 otherwise, and ends
+/// silently when the host cancels it (or the session ends).
+async fn wait_for_approval(
+    shared: Arc<Shared>,
+    to_upstream: mpsc::Sender<Bytes>,
+    queue: approval::Queue,
+    request: approval::Request,
+    held: HeldCall,
+    cancelled: oneshot::Receiver<()>,
+) {
+    let answer = tokio::select! {
+        answer = approval::wait_local(&queue, &request, shared.approval_timeout) => Some(answer),
+        _ = cancelled => None,
+    };
+    shared.held().remove(&held.id);
+    let approval_id = Some(request.id.as_str());
+    match answer {
+        Some((Status::Approved, _)) => {
+            tracing::info!(tool = %held.call.name, approval = %request.id, "approved: forwarded");
+            shared.audit_call_with(
+                &held.id,
+                &held.eval,
+                "approved",
+                approval_id,
+                Some("approved"),
+                &held.digest,
+                held.started,
+            );
+            shared.pending().insert(
+                held.id.clone(),
+                Pending {
+                    lists_tools: false,
+                    batch: held.batch,
+                },
+            );
+            let _ = to_upstream.send(held.raw.clone()).await;
+        }
+        Some((status, reason)) => {
+            let reason = reason.unwrap_or_else(|| match status {
+                Status::Timeout => format!(
+                    "{}; nobody answered within {} ms",
+                    held.eval.reason(),
+                    shared.approval_timeout.as_millis()
+                ),
+                _ => held.eval.reason(),
+            });
+            tracing::warn!(tool = %held.call.name, approval = %request.id, status = status.as_str(), "not approved");
+            shared.deny(&held, status, approval_id, &reason).await;
+        }
+        None => {
+            tracing::info!(tool = %held.call.name, approval = %request.id, "held call cancelled");
+            shared.audit_call_with(
+                &held.id,
+                &held.eval,
+                "cancelled",
+                approval_id,
+                Some("cancelled"),
+                &held.digest,
+                held.started,
+            );
+        }
+    }
 }
 
 impl HostSide<'_> {
@@ -441,8 +563,14 @@ impl HostSide<'_> {
                 self.forward(raw).await;
             }
             Kind::Notification { method } if method == "notifications/cancelled" => {
+                let id = cancelled_id(msg.params);
+                // A held call the server never saw: end the wait here, answer nothing.
+                if let Some(cancel) = id.as_ref().and_then(|id| self.shared.held().remove(id)) {
+                    let _ = cancel.send(());
+                    return;
+                }
                 // The host no longer wants an answer: do not invent one if the server dies.
-                if let Some(id) = cancelled_id(msg.params) {
+                if let Some(id) = id {
                     self.shared.pending().remove(&id);
                 }
                 self.forward(raw).await
@@ -482,40 +610,121 @@ impl HostSide<'_> {
         let eval = shared.guard.evaluate(&call.name, &call.arguments);
         let digest = guard::arguments_digest(&call.arguments);
         let action = guard::action(shared.mode, eval.decision);
-        let outcome = match action {
-            Action::Forward { outcome } => outcome,
-            Action::Block => "blocked",
-            Action::AskApproval => "denied",
-        };
-        let status = (action == Action::AskApproval).then_some("rejected");
-        shared.audit_call(id, &eval, outcome, status, &digest, started);
+        let rule = eval.rule().unwrap_or("-");
         match action {
             Action::Forward { outcome } => {
+                shared.audit_call(id, &eval, outcome, None, &digest, started);
                 match outcome {
                     "would_block" => {
-                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "would block in enforce mode: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule, "would block in enforce mode: {}", eval.reason())
                     }
                     "would_require_approval" => {
-                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "would require approval in enforce mode: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule, "would require approval in enforce mode: {}", eval.reason())
                     }
                     _ if eval.decision == guard::Decision::Warn => {
-                        tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "warn: {}", eval.reason())
+                        tracing::warn!(tool = %call.name, rule, "warn: {}", eval.reason())
                     }
                     _ => tracing::debug!(tool = %call.name, "allowed"),
                 }
                 self.forward_call(id, raw, batch).await
             }
             Action::Block => {
-                tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "blocked: {}", eval.reason());
+                shared.audit_call(id, &eval, "blocked", None, &digest, started);
+                tracing::warn!(tool = %call.name, rule, "blocked: {}", eval.reason());
                 let msg = shared.blocked(id, &call, &eval);
                 shared.reply(batch, msg).await
             }
             Action::AskApproval => {
-                tracing::warn!(tool = %call.name, rule = eval.rule().unwrap_or("-"), "needs approval, and no approval channel is available: denied");
-                let msg = shared.not_approved(id, &call, &eval);
-                shared.reply(batch, msg).await
+                let held = HeldCall {
+                    id: id.clone(),
+                    call,
+                    eval,
+                    digest,
+                    raw,
+                    batch,
+                    started,
+                };
+                self.hold(held).await
             }
         }
+    }
+
+    /// Holds a call for a human on the local queue; the wait runs in a task of its own, so
+    /// everything else keeps flowing. Without a channel to ask on, the call is denied at once.
+    async fn hold(&self, held: HeldCall) {
+        let shared = self.shared;
+        let Some(queue) = &shared.queue else {
+            let reason = format!("{}; no approval channel is available", held.eval.reason());
+            return shared.deny(&held, Status::Rejected, None, &reason).await;
+        };
+        if shared.held().len() >= shared.max_pending_calls {
+            tracing::warn!(
+                limit = shared.max_pending_calls,
+                "maxPendingCalls reached: refused"
+            );
+            shared.audit_call(
+                &held.id,
+                &held.eval,
+                "too_many_pending",
+                None,
+                &held.digest,
+                held.started,
+            );
+            let data = json!({
+                "kind": "too_many_pending_calls",
+                "reason": format!("{} calls are already waiting (maxPendingCalls)", shared.max_pending_calls),
+                "tool": held.call.name,
+            });
+            let msg = shared.refusal(
+                &held.id,
+                &held.call,
+                shared.codes.guard_unavailable,
+                "Too many calls waiting for approval",
+                data,
+            );
+            return shared.reply(held.batch, msg).await;
+        }
+        let now = approval::now_ms();
+        let request = approval::Request {
+            id: approval::new_id(),
+            tool: held.call.name.clone(),
+            server: shared.server.clone(),
+            agent_key: shared.agent_key.clone(),
+            arguments_sha256: held.digest.clone(),
+            rule: held.eval.rule().map(str::to_string),
+            reason: held.eval.reason(),
+            created_ms: now,
+            expires_ms: now + shared.approval_timeout.as_millis() as u64,
+            pid: std::process::id(),
+        };
+        if let Err(e) = queue.submit(&request) {
+            tracing::error!(error = %e, "cannot queue the approval request");
+            let reason = format!(
+                "{}; the local approval queue failed: {e}",
+                held.eval.reason()
+            );
+            return shared.deny(&held, Status::Rejected, None, &reason).await;
+        }
+        tracing::warn!(
+            tool = %held.call.name,
+            rule = held.eval.rule().unwrap_or("-"),
+            approval = %request.id,
+            "call held for approval ({}): run `apie-mcp approvals approve {}` or `apie-mcp approvals reject {}`",
+            request.reason, request.id, request.id
+        );
+        let (cancel, cancelled) = oneshot::channel::<()>();
+        shared.held().insert(held.id.clone(), cancel);
+        let task = tokio::spawn(wait_for_approval(
+            self.shared_arc.clone(),
+            self.to_upstream.clone(),
+            queue.clone(),
+            request,
+            held,
+            cancelled,
+        ));
+        let mut tasks = shared.held_tasks();
+        tasks.retain(|t| !t.is_finished());
+        tasks.push(task);
     }
 
     async fn forward_call(&self, id: &Id, raw: Bytes, batch: Option<u64>) {
@@ -625,6 +834,20 @@ impl Shared {
         digest: &str,
         started: Instant,
     ) {
+        self.audit_call_with(id, eval, outcome, None, status, digest, started)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit_call_with(
+        &self,
+        id: &Id,
+        eval: &Evaluation,
+        outcome: &str,
+        approval_id: Option<&str>,
+        status: Option<&str>,
+        digest: &str,
+        started: Instant,
+    ) {
         if !self.audit.enabled() {
             return;
         }
@@ -636,6 +859,7 @@ impl Shared {
             decision: Some(eval.decision.as_str()),
             rule: eval.rule(),
             reason: Some(&reason),
+            approval_id,
             status,
             latency_ms: started.elapsed().as_secs_f64() * 1000.0,
             arguments_sha256: Some(digest),
@@ -703,23 +927,33 @@ impl Shared {
         )
     }
 
-    /// The answer to a call that needed an approval it did not get.
-    fn not_approved(&self, id: &Id, call: &ToolCall, eval: &Evaluation) -> Bytes {
+    /// Refuses a call that needed an approval it did not get (-32002), and audits it.
+    async fn deny(&self, held: &HeldCall, status: Status, approval_id: Option<&str>, reason: &str) {
+        self.audit_call_with(
+            &held.id,
+            &held.eval,
+            "denied",
+            approval_id,
+            Some(status.as_str()),
+            &held.digest,
+            held.started,
+        );
+        let kind = if status == Status::Timeout {
+            "approval_timeout"
+        } else {
+            "approval_denied"
+        };
         let data = json!({
-            "kind": "approval_denied",
-            "approval_id": null,
-            "status": "rejected",
-            "reason": format!("{}; no approval channel is available", eval.reason()),
-            "rule": eval.rule(),
-            "tool": call.name,
+            "kind": kind,
+            "approval_id": approval_id,
+            "status": status.as_str(),
+            "reason": reason,
+            "rule": held.eval.rule(),
+            "tool": held.call.name,
         });
-        self.refusal(
-            id,
-            call,
-            self.codes.approval,
-            "Action not approved: rejected",
-            data,
-        )
+        let message = format!("Action not approved: {}", status.as_str());
+        let msg = self.refusal(&held.id, &held.call, self.codes.approval, &message, data);
+        self.reply(held.batch, msg).await
     }
 
     /// A refusal as the configured `blockResponse`: a JSON-RPC error, or a tool result with

@@ -218,7 +218,13 @@ async fn double_dash_without_config_runs_in_monitor_mode() {
 #[tokio::test]
 async fn inspector_form_without_double_dash() {
     let dir = Dir::new();
-    let mut args = vec!["--mode".to_owned(), "enforce".to_owned()];
+    // Nobody answers the local approval queue here: a short timeout denies at once.
+    let mut args = vec![
+        "--mode".to_owned(),
+        "enforce".to_owned(),
+        "--approval-timeout".to_owned(),
+        "300ms".to_owned(),
+    ];
     let mut server = dir.logging_server();
     // `env -u NAME …`: a hyphenated argument after the command belongs to the command.
     server.splice(1..1, ["-u".to_owned(), "APIE_TEST_UNSET".to_owned()]);
@@ -230,7 +236,7 @@ async fn inspector_form_without_double_dash() {
         .await;
     assert_eq!(result_text(&echoed), "inspected");
     // --mode before the command still applies: deploy is critical → require_approval →
-    // denied in enforce mode (the host declared no elicitation).
+    // held, and denied when the approval times out.
     let denied = session
         .call_tool(
             2,

@@ -403,7 +403,12 @@ impl Bridge {
 #[tokio::test]
 async fn rmcp_legacy_client_allowed_blocked_and_denied() {
     let fx = Fixture::new();
-    let config = fx.config(json!({"mode": "enforce", "policies": [no_delete_rule()]}));
+    // Approvals only by elicitation, which this host rejects: the outcome is immediate.
+    let config = fx.config(json!({
+        "mode": "enforce",
+        "policies": [no_delete_rule()],
+        "approvals": {"channels": ["elicitation"]},
+    }));
 
     // What the server itself lists, for comparison.
     let direct = connect(

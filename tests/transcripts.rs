@@ -52,6 +52,58 @@ fn audit_lines(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// `got` equals `want`, where the string `"<any>"` in `want` stands for any value (approval
+/// ids are random).
+fn same(got: &Value, want: &Value) -> bool {
+    match (got, want) {
+        (_, Value::String(s)) if s == "<any>" => true,
+        (Value::Object(g), Value::Object(w)) => {
+            g.len() == w.len()
+                && w.iter()
+                    .all(|(k, v)| g.get(k).is_some_and(|gv| same(gv, v)))
+        }
+        (Value::Array(g), Value::Array(w)) => {
+            g.len() == w.len() && g.iter().zip(w).all(|(g, w)| same(g, w))
+        }
+        _ => got == want,
+    }
+}
+
+/// Answers the one pending approval in `state` with `apie-mcp approvals ARGS… ID`.
+async fn answer_approval(state: &Path, args: &[&str], at: &str) {
+    let queue = state.join("approvals");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let id = loop {
+        let pending: Vec<String> = std::fs::read_dir(&queue)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".json") && !n.ends_with(".answer.json"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        match pending.as_slice() {
+            [one] => break one.trim_end_matches(".json").to_string(),
+            [] if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(10)).await
+            }
+            other => panic!("{at}: expected one pending approval, found {other:?}"),
+        }
+    };
+    let (verb, rest) = args.split_first().unwrap();
+    let out = tokio::process::Command::new(proxy_bin())
+        .args(["approvals", verb, &id])
+        .args(rest)
+        .env("APIE_MCP_STATE_DIR", state)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{at}: approvals {verb} failed: {out:?}"
+    );
+}
+
 /// `want` is contained in `got`: every field of `want` is there with the same value.
 fn contains(got: &Value, want: &Value) -> bool {
     match (got, want) {
@@ -94,8 +146,10 @@ async fn replay(path: &Path) {
     if let Some(extra) = header["args"].as_array() {
         args.extend(extra.iter().map(|a| a.as_str().unwrap().to_string()));
     }
+    let state = dir.path().join("state");
     let mut host = RawSession::builder(proxy_bin())
         .args(&args)
+        .env("APIE_MCP_STATE_DIR", &state)
         .env("RUST_LOG", "debug")
         .current_dir(dir.path())
         .spawn();
@@ -135,11 +189,26 @@ async fn replay(path: &Path) {
             }
             "to_host" => {
                 let got = host.recv().await;
-                assert_eq!(&got, value, "{at}: the host got something else");
+                assert!(
+                    same(&got, value),
+                    "{at}: the host got\n  {got}\nnot\n  {value}"
+                );
             }
             "to_upstream" => {
                 let got = upstream.recv(&at).await;
-                assert_eq!(&got, value, "{at}: the upstream got something else");
+                assert!(
+                    same(&got, value),
+                    "{at}: the upstream got\n  {got}\nnot\n  {value}"
+                );
+            }
+            "approve" => answer_approval(&state, &["approve"], &at).await,
+            "reject" => {
+                answer_approval(
+                    &state,
+                    &["reject", "--reason", value.as_str().unwrap()],
+                    &at,
+                )
+                .await
             }
             "audit" => {
                 let deadline = tokio::time::Instant::now() + WAIT;

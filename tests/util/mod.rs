@@ -281,6 +281,7 @@ impl SessionBuilder {
 
     /// Spawns the process. Must run inside a tokio runtime.
     pub fn spawn(mut self) -> RawSession {
+        isolate_state(&mut self.command);
         let dir = self
             .cwd_tempdir
             .then(|| tempfile::tempdir().expect("create session tempdir"));
@@ -695,7 +696,22 @@ where
 {
     let mut command = Command::new(program);
     command.args(args);
+    isolate_state(&mut command);
     command
+}
+
+/// Points the proxy's state directory (the local approval queue) at one temporary directory
+/// for the whole test run, unless the test chose its own: tests never touch the user's queue.
+pub fn isolate_state(command: &mut Command) {
+    static STATE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
+    let already = command
+        .as_std()
+        .get_envs()
+        .any(|(k, _)| k == "APIE_MCP_STATE_DIR");
+    if !already {
+        let dir = STATE.get_or_init(|| tempfile::tempdir().expect("create state tempdir"));
+        command.env("APIE_MCP_STATE_DIR", dir.path());
+    }
 }
 
 /// `apie-mcp args…`.
