@@ -1,0 +1,145 @@
+//! Upstream → host: only JSON-RPC reaches the host; responses are matched to the host's
+//! requests (`tools/list` results are read on the way), server requests are renumbered.
+
+use super::from_host::cancelled_id;
+use super::state::with_id;
+use super::*;
+
+// === upstream → host ===
+
+pub(super) async fn upstream_loop<R: tokio::io::AsyncRead + Unpin>(
+    shared: Arc<Shared>,
+    mut reader: LineReader<R>,
+) {
+    loop {
+        match reader.next().await {
+            Ok(Some(Frame::Line(line))) => upstream_line(&shared, line).await,
+            Ok(Some(Frame::TooLong { head })) => {
+                let id = framing::sniff_id(&head);
+                tracing::error!(?id, "upstream message over maxMessageBytes dropped");
+                let pending = id.as_ref().and_then(|id| shared.pending().remove(id));
+                if let (Some(id), Some(p)) = (id, pending) {
+                    let msg = jsonrpc::error_response(
+                        Some(&id),
+                        code::INTERNAL_ERROR,
+                        "Upstream response longer than maxMessageBytes",
+                        Some(&json!({"kind": "upstream_message_too_long"})),
+                    );
+                    shared.reply(p.batch, msg.into()).await;
+                }
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the upstream's stdout failed");
+                break;
+            }
+        }
+    }
+    tracing::debug!("upstream closed its stdout");
+}
+
+pub(super) async fn upstream_line(shared: &Shared, line: Bytes) {
+    match jsonrpc::classify(&line) {
+        Parsed::Message(msg) => {
+            let raw = line.clone();
+            upstream_message(shared, msg, raw).await
+        }
+        Parsed::Rejected(r) => {
+            tracing::warn!(
+                line = %String::from_utf8_lossy(&line[..line.len().min(200)]),
+                "dropped upstream output that is not JSON-RPC: {}", r.message
+            );
+        }
+        // A batch from the server: its elements go to the host one by one.
+        Parsed::Batch(items) => {
+            for item in items {
+                match jsonrpc::classify_element(item) {
+                    Ok(msg) => {
+                        let raw = Bytes::copy_from_slice(item.get().as_bytes());
+                        upstream_message(shared, msg, raw).await
+                    }
+                    Err(r) => tracing::warn!("dropped an upstream batch element: {}", r.message),
+                }
+            }
+        }
+    }
+}
+
+pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
+    match &msg.kind {
+        Kind::Response { id, body } => {
+            let pending = shared.pending().remove(id);
+            let Some(p) = pending else {
+                return shared.reply(None, raw).await;
+            };
+            let raw = match body {
+                Reply::Result(result) if p.lists_tools => {
+                    tools_listed(shared, id, result).unwrap_or(raw)
+                }
+                _ => raw,
+            };
+            shared.reply(p.batch, raw).await
+        }
+        Kind::Notification { method } if method == "notifications/cancelled" => {
+            // The server gave up on one of its requests: name it as the host knows it.
+            let remapped = cancelled_id(msg.params).and_then(|server_id| {
+                let mut outbound = shared.outbound();
+                let host_id = outbound.host_id_of(&server_id)?;
+                outbound.by_host_id.remove(&host_id);
+                let params =
+                    jsonrpc::replace_member(msg.params?.get(), "requestId", &host_id.to_json())?;
+                let text = std::str::from_utf8(&raw).ok()?;
+                jsonrpc::replace_member(text, "params", &params).map(Bytes::from)
+            });
+            shared.reply(None, remapped.unwrap_or(raw)).await
+        }
+        Kind::Notification { method } => {
+            if method == "notifications/tools/list_changed" {
+                shared.guard.forget();
+            }
+            shared.reply(None, raw).await
+        }
+        Kind::Request { id, .. } => {
+            let host_id = shared.outbound().remap(id);
+            match with_id(&raw, &host_id) {
+                Some(raw) => shared.reply(None, raw).await,
+                None => {
+                    shared.outbound().by_host_id.remove(&host_id);
+                    tracing::warn!(%id, "dropped an upstream request whose id could not be remapped");
+                }
+            }
+        }
+    }
+}
+
+/// Reads a `tools/list` result: learns the annotations, and with `hideBlockedTools` returns the
+/// rewritten response without the tools every call of which would be blocked.
+pub(super) fn tools_listed(shared: &Shared, id: &Id, result: &RawValue) -> Option<Bytes> {
+    #[derive(Deserialize)]
+    struct Listing {
+        tools: Vec<ListedTool>,
+    }
+    let listing: Listing = serde_json::from_str(result.get()).ok()?;
+    shared.guard.learn(&listing.tools);
+    if !shared.guard.hide_blocked_tools() {
+        return None;
+    }
+    let hidden: Vec<&str> = listing
+        .tools
+        .iter()
+        .filter(|t| shared.guard.hides(&t.name))
+        .map(|t| t.name.as_str())
+        .collect();
+    if hidden.is_empty() {
+        return None;
+    }
+    tracing::info!(?hidden, "hid tools that every call of would be blocked");
+    let mut result: Value = serde_json::from_str(result.get()).ok()?;
+    let tools = result.get_mut("tools")?.as_array_mut()?;
+    tools.retain(|t| {
+        t.get("name")
+            .and_then(Value::as_str)
+            .is_none_or(|name| !hidden.contains(&name))
+    });
+    Some(jsonrpc::result_response(id, &result).into())
+}

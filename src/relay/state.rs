@@ -1,0 +1,387 @@
+//! What both directions of the session share: requests in flight, batches being gathered,
+//! the server-to-host id map, held calls; and how the proxy answers and audits on its own.
+
+use super::from_host::{HeldCall, ToolCall};
+use super::*;
+
+// === shared state ===
+
+/// A host request sent upstream and not yet answered.
+pub(super) struct Pending {
+    /// `tools/list` results are read on the way back.
+    pub(super) lists_tools: bool,
+    /// The batch the request came in, if any.
+    pub(super) batch: Option<u64>,
+}
+
+/// The id map for server→host requests: the host sees `"apie:<n>"`, the server its own id.
+#[derive(Default)]
+pub(super) struct Outbound {
+    pub(super) last: u64,
+    /// Host-side id → the server's id.
+    pub(super) by_host_id: HashMap<Id, Id>,
+}
+
+impl Outbound {
+    pub(super) fn remap(&mut self, server_id: &Id) -> Id {
+        self.last += 1;
+        let id = Id::String(format!("apie:{}", self.last).into());
+        self.by_host_id.insert(id.clone(), server_id.clone());
+        id
+    }
+
+    /// The host-side id of a server request still in flight.
+    pub(super) fn host_id_of(&self, server_id: &Id) -> Option<Id> {
+        self.by_host_id
+            .iter()
+            .find(|(_, s)| *s == server_id)
+            .map(|(h, _)| h.clone())
+    }
+}
+
+/// `raw` with its top-level `id` replaced.
+pub(super) fn with_id(raw: &[u8], id: &Id) -> Option<Bytes> {
+    let text = std::str::from_utf8(raw).ok()?;
+    jsonrpc::replace_member(text, "id", &id.to_json()).map(Bytes::from)
+}
+
+/// Responses being gathered for a batch the host sent.
+pub(super) struct Batch {
+    /// How many responses the batch gets; unknown until every element was handled.
+    pub(super) expected: Option<usize>,
+    pub(super) responses: Vec<Bytes>,
+}
+
+/// What both readers need.
+pub(super) struct Shared {
+    pub(super) guard: Guard,
+    pub(super) mode: Mode,
+    pub(super) audit: Audit,
+    pub(super) codes: ErrorCodes,
+    pub(super) block_response: BlockResponse,
+    pub(super) run_id: String,
+    pub(super) agent_key: String,
+    pub(super) server: String,
+    /// Host requests in flight upstream, by id.
+    pub(super) pending: Mutex<HashMap<Id, Pending>>,
+    pub(super) batches: Mutex<(u64, HashMap<u64, Batch>)>,
+    /// Server→host requests in flight, by the id the host saw (SPEC §7: remapped, so requests
+    /// the proxy itself sends the host can never collide with the server's).
+    pub(super) outbound: Mutex<Outbound>,
+    /// The local approval queue, when `approvals.channels` lists `local`.
+    pub(super) queue: Option<approval::Queue>,
+    pub(super) approval_timeout: Duration,
+    pub(super) max_pending_calls: usize,
+    /// Calls held for a human, by the host's id: sending on the channel ends the wait.
+    pub(super) held: Mutex<HashMap<Id, oneshot::Sender<()>>>,
+    /// The tasks waiting on held calls, so shutdown can let them clean up.
+    pub(super) held_tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The host writer's queue. Held here so both readers (and shutdown) can answer the host.
+    pub(super) to_host: mpsc::Sender<Bytes>,
+}
+
+impl Shared {
+    pub(super) fn new(config: Config, audit: Audit, to_host: mpsc::Sender<Bytes>) -> Shared {
+        let queue = if config.mode == Mode::Enforce
+            && config.approval_channels.contains(&ApprovalChannel::Local)
+        {
+            approval::Queue::open_default()
+                .inspect_err(|e| tracing::warn!("local approvals unavailable: {e}"))
+                .ok()
+        } else {
+            None
+        };
+        Shared {
+            queue,
+            approval_timeout: config.approval_timeout,
+            max_pending_calls: config.max_pending_calls,
+            held: Mutex::new(HashMap::new()),
+            held_tasks: Mutex::new(Vec::new()),
+            mode: config.mode,
+            audit,
+            codes: config.error_codes,
+            block_response: config.block_response,
+            run_id: config.run_id.clone(),
+            agent_key: config.agent_key.clone(),
+            server: config.server_name.clone(),
+            guard: Guard::new(config),
+            pending: Mutex::new(HashMap::new()),
+            batches: Mutex::new((0, HashMap::new())),
+            outbound: Mutex::new(Outbound::default()),
+            to_host,
+        }
+    }
+
+    pub(super) fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<Id, Pending>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn batches(&self) -> std::sync::MutexGuard<'_, (u64, HashMap<u64, Batch>)> {
+        self.batches.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Id, oneshot::Sender<()>>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn held_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
+        self.held_tasks.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ends every wait for a human (the session is over): each cleans up its queue entry and
+    /// drops its way to the upstream.
+    pub(super) async fn cancel_held(&self) {
+        for (_, cancel) in self.held().drain() {
+            let _ = cancel.send(());
+        }
+        let tasks: Vec<_> = self.held_tasks().drain(..).collect();
+        for task in tasks {
+            let _ = tokio::time::timeout(upstream::GRACE, task).await;
+        }
+    }
+
+    pub(super) fn outbound(&self) -> std::sync::MutexGuard<'_, Outbound> {
+        self.outbound.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sends a message to the host, or adds it to its batch.
+    pub(super) async fn reply(&self, batch: Option<u64>, msg: Bytes) {
+        match batch {
+            Some(b) => {
+                let done = {
+                    let mut batches = self.batches();
+                    match batches.1.get_mut(&b) {
+                        Some(acc) => {
+                            acc.responses.push(msg);
+                            take_if_complete(&mut batches.1, b)
+                        }
+                        None => None,
+                    }
+                };
+                if let Some(array) = done {
+                    let _ = self.to_host.send(array).await;
+                }
+            }
+            None => {
+                let _ = self.to_host.send(msg).await;
+            }
+        }
+    }
+
+    /// Answers every request still pending: the server will not.
+    pub(super) async fn fail_pending(&self) {
+        let pending: Vec<(Id, Pending)> = self.pending().drain().collect();
+        for (id, p) in pending {
+            let msg = jsonrpc::error_response(
+                Some(&id),
+                code::INTERNAL_ERROR,
+                "Upstream MCP server exited",
+                Some(&json!({"kind": "upstream_exited"})),
+            );
+            let msg = Bytes::from(msg);
+            let done = match p.batch {
+                Some(b) => {
+                    let mut batches = self.batches();
+                    if let Some(acc) = batches.1.get_mut(&b) {
+                        acc.responses.push(msg);
+                    }
+                    take_if_complete(&mut batches.1, b)
+                }
+                None => Some(msg),
+            };
+            if let Some(msg) = done {
+                let _ = self.to_host.send(msg).await;
+            }
+        }
+    }
+}
+
+/// Removes batch `b` and returns its response array once every response is in.
+pub(super) fn take_if_complete(batches: &mut HashMap<u64, Batch>, b: u64) -> Option<Bytes> {
+    let acc = batches.get(&b)?;
+    if acc.expected != Some(acc.responses.len()) {
+        return None;
+    }
+    let acc = batches.remove(&b)?;
+    if acc.responses.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(acc.responses.iter().map(|r| r.len() + 1).sum::<usize>() + 1);
+    out.push(b'[');
+    for (i, r) in acc.responses.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(r);
+    }
+    out.push(b']');
+    Some(Bytes::from(out))
+}
+
+// === answers and audit ===
+
+impl Shared {
+    pub(super) fn audit_call(
+        &self,
+        id: &Id,
+        eval: &Evaluation,
+        outcome: &str,
+        status: Option<&str>,
+        digest: &str,
+        started: Instant,
+    ) {
+        self.audit_call_with(id, eval, outcome, None, status, digest, started)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn audit_call_with(
+        &self,
+        id: &Id,
+        eval: &Evaluation,
+        outcome: &str,
+        approval_id: Option<&str>,
+        status: Option<&str>,
+        digest: &str,
+        started: Instant,
+    ) {
+        if !self.audit.enabled() {
+            return;
+        }
+        let reason = eval.reason();
+        self.audit.write(&Record {
+            request_id: Some(id.to_value()),
+            tool: &eval.meta.name,
+            risk_level: Some(eval.meta.risk.as_str()),
+            decision: Some(eval.decision.as_str()),
+            rule: eval.rule(),
+            reason: Some(&reason),
+            approval_id,
+            status,
+            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
+            arguments_sha256: Some(digest),
+            ..self.record(outcome)
+        });
+    }
+
+    pub(super) fn audit_dropped(&self, params: Option<&RawValue>) {
+        if self.mode == Mode::Off || !self.audit.enabled() {
+            return;
+        }
+        let call = ToolCall::read(params).ok();
+        let digest = call.as_ref().map(|c| guard::arguments_digest(&c.arguments));
+        self.audit.write(&Record {
+            tool: call.as_ref().map(|c| c.name.as_str()).unwrap_or(""),
+            reason: Some("tools/call sent as a notification (no id)"),
+            arguments_sha256: digest.as_deref(),
+            ..self.record("dropped")
+        });
+    }
+
+    /// An audit record of this session with nothing but the `outcome` filled in.
+    pub(super) fn record<'a>(&'a self, outcome: &'a str) -> Record<'a> {
+        Record {
+            ts: audit::now(),
+            run_id: &self.run_id,
+            agent_key: &self.agent_key,
+            server: &self.server,
+            mode: self.mode.as_str(),
+            request_id: None,
+            tool: "",
+            risk_level: None,
+            decision: None,
+            outcome,
+            rule: None,
+            guardrail: None,
+            reason: None,
+            approval_id: None,
+            status: None,
+            latency_ms: 0.0,
+            arguments_sha256: None,
+        }
+    }
+
+    /// The answer to a blocked call (SPEC §7).
+    pub(super) fn blocked(&self, id: &Id, call: &ToolCall, eval: &Evaluation) -> Bytes {
+        let data = json!({
+            "kind": "guard_blocked",
+            "reason": eval.reason(),
+            "decision_id": null,
+            "policy_decision": eval.decision.as_str(),
+            "effective_decision": "block",
+            "enforcement_action": "block",
+            "mode": self.mode.as_str(),
+            "matched_guardrail": null,
+            "rule": eval.rule(),
+            "tool": call.name,
+        });
+        self.refusal(
+            id,
+            call,
+            self.codes.blocked,
+            "Action blocked by Apie guardrail",
+            data,
+        )
+    }
+
+    /// Refuses a call that needed an approval it did not get (-32002), and audits it.
+    pub(super) async fn deny(
+        &self,
+        held: &HeldCall,
+        status: Status,
+        approval_id: Option<&str>,
+        reason: &str,
+    ) {
+        self.audit_call_with(
+            &held.id,
+            &held.eval,
+            "denied",
+            approval_id,
+            Some(status.as_str()),
+            &held.digest,
+            held.started,
+        );
+        let kind = if status == Status::Timeout {
+            "approval_timeout"
+        } else {
+            "approval_denied"
+        };
+        let data = json!({
+            "kind": kind,
+            "approval_id": approval_id,
+            "status": status.as_str(),
+            "reason": reason,
+            "rule": held.eval.rule(),
+            "tool": held.call.name,
+        });
+        let message = format!("Action not approved: {}", status.as_str());
+        let msg = self.refusal(&held.id, &held.call, self.codes.approval, &message, data);
+        self.reply(held.batch, msg).await
+    }
+
+    /// A refusal as the configured `blockResponse`: a JSON-RPC error, or a tool result with
+    /// `isError: true` whose text is the same `{code, message, data}`.
+    pub(super) fn refusal(
+        &self,
+        id: &Id,
+        call: &ToolCall,
+        code: i64,
+        message: &str,
+        data: Value,
+    ) -> Bytes {
+        match self.block_response {
+            BlockResponse::Error => jsonrpc::error_response(Some(id), code, message, Some(&data)),
+            BlockResponse::ToolResult => {
+                let text = json!({"code": code, "message": message, "data": data}).to_string();
+                let mut result = json!({
+                    "content": [{"type": "text", "text": text}],
+                    "isError": true,
+                });
+                if call.modern {
+                    result["resultType"] = json!("complete");
+                }
+                jsonrpc::result_response(id, &result)
+            }
+        }
+        .into()
+    }
+}
