@@ -1,5 +1,6 @@
 //! The integration-test crate: one binary, many modules.
 
+mod approvals;
 mod cli;
 mod direct;
 mod interop;

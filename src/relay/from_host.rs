@@ -108,6 +108,7 @@ pub(super) async fn wait_for_approval(
         }
         None => {
             tracing::info!(tool = %held.call.name, approval = %request.id, "held call cancelled");
+            shared.cancelled_in_batch(held.batch).await;
             shared.audit_call_with(
                 &held.id,
                 &held.eval,
@@ -150,6 +151,7 @@ impl HostSide<'_> {
                 Batch {
                     expected: None,
                     responses: Vec::new(),
+                    cancelled: 0,
                 },
             );
             b
@@ -212,9 +214,11 @@ impl HostSide<'_> {
                     let _ = cancel.send(());
                     return;
                 }
-                // The host no longer wants an answer: do not invent one if the server dies.
-                if let Some(id) = id {
-                    self.shared.pending().remove(&id);
+                // The host no longer wants an answer: do not invent one if the server dies, and
+                // do not hold the rest of its batch back for it.
+                let pending = id.and_then(|id| self.shared.pending().remove(&id));
+                if let Some(p) = pending {
+                    self.shared.cancelled_in_batch(p.batch).await;
                 }
                 self.forward(raw).await
             }

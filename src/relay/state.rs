@@ -50,6 +50,8 @@ pub(super) struct Batch {
     /// How many responses the batch gets; unknown until every element was handled.
     pub(super) expected: Option<usize>,
     pub(super) responses: Vec<Bytes>,
+    /// Requests the host cancelled: they will get no response.
+    pub(super) cancelled: usize,
 }
 
 /// What both readers need.
@@ -168,6 +170,22 @@ impl Shared {
         }
     }
 
+    /// One request of batch `batch` was cancelled by the host and gets no response: the rest of
+    /// the batch must not wait for it.
+    pub(super) async fn cancelled_in_batch(&self, batch: Option<u64>) {
+        let Some(b) = batch else { return };
+        let done = {
+            let mut batches = self.batches();
+            if let Some(acc) = batches.1.get_mut(&b) {
+                acc.cancelled += 1;
+            }
+            take_if_complete(&mut batches.1, b)
+        };
+        if let Some(array) = done {
+            let _ = self.to_host.send(array).await;
+        }
+    }
+
     /// Answers every request still pending: the server will not.
     pub(super) async fn fail_pending(&self) {
         let pending: Vec<(Id, Pending)> = self.pending().drain().collect();
@@ -199,7 +217,7 @@ impl Shared {
 /// Removes batch `b` and returns its response array once every response is in.
 pub(super) fn take_if_complete(batches: &mut HashMap<u64, Batch>, b: u64) -> Option<Bytes> {
     let acc = batches.get(&b)?;
-    if acc.expected != Some(acc.responses.len()) {
+    if acc.expected != Some(acc.responses.len() + acc.cancelled) {
         return None;
     }
     let acc = batches.remove(&b)?;
