@@ -14,7 +14,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::util::{self, RawSession, legacy_call, proxy_bin, result_text};
+use crate::util::{self, RawSession, legacy_call, proxy_bin, result_text, sorted_sha256};
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 
@@ -647,33 +647,6 @@ async fn a_forged_answer_for_other_arguments_does_not_release_the_call() {
         "a forged approval released the call: {:?}",
         fx.server_tools()
     );
-}
-
-/// SHA-256 (hex) of `value` as compact JSON with every object's keys sorted: the proxy's
-/// `argumentsSha256`.
-fn sorted_sha256(value: &Value) -> String {
-    use sha2::{Digest as _, Sha256};
-    fn sorted(value: &Value) -> Value {
-        match value {
-            Value::Object(map) => {
-                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                Value::Object(
-                    entries
-                        .into_iter()
-                        .map(|(k, v)| (k.clone(), sorted(v)))
-                        .collect(),
-                )
-            }
-            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    let text = serde_json::to_string(&sorted(value)).unwrap();
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::util::{
     self, ElicitAnswer, Era, RawSession, TestClient, connect, is_response, is_tool_error,
-    legacy_call, proxy_bin, result_text,
+    legacy_call, proxy_bin, result_text, sorted_sha256,
 };
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
@@ -1133,32 +1133,6 @@ async fn max_message_bytes_both_directions() {
 // ---------------------------------------------------------------------------
 // 12: the audit file
 // ---------------------------------------------------------------------------
-
-/// SHA-256 (hex) of `value` as compact JSON with every object's keys sorted.
-fn sorted_sha256(value: &Value) -> String {
-    use sha2::{Digest as _, Sha256};
-    fn sorted(value: &Value) -> Value {
-        match value {
-            Value::Object(map) => {
-                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                Value::Object(
-                    entries
-                        .into_iter()
-                        .map(|(k, v)| (k.clone(), sorted(v)))
-                        .collect(),
-                )
-            }
-            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
-            other => other.clone(),
-        }
-    }
-    let text = serde_json::to_string(&sorted(value)).unwrap();
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 #[tokio::test]
 async fn audit_lines_have_every_field_and_no_arguments() {

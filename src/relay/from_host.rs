@@ -261,8 +261,13 @@ impl HostSide<'_> {
             return self.forward_call(id, raw, batch).await;
         }
         let eval = shared.guard.evaluate(&call.name, &call.arguments);
-        let digest = guard::arguments_digest(&call.arguments);
         let action = guard::action(shared.mode, eval.decision);
+        // The digest is for the audit log and for binding an approval; skip it when neither.
+        let digest = if shared.audit.enabled() || action == Action::AskApproval {
+            guard::arguments_digest(&call.arguments)
+        } else {
+            String::new()
+        };
         let rule = eval.rule().unwrap_or("-");
         match action {
             Action::Forward { outcome } => {

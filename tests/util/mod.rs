@@ -1079,3 +1079,30 @@ impl ClientHandler for TestClient {
         self.log.progress.lock().expect("log lock").push(params);
     }
 }
+
+/// SHA-256 (hex) of `value` as compact JSON with every object's keys sorted: the proxy's
+/// `argumentsSha256`, computed independently of the proxy's own code.
+pub fn sorted_sha256(value: &Value) -> String {
+    use sha2::{Digest as _, Sha256};
+    fn sorted(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+                Value::Object(
+                    entries
+                        .into_iter()
+                        .map(|(k, v)| (k.clone(), sorted(v)))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+            other => other.clone(),
+        }
+    }
+    let text = serde_json::to_string(&sorted(value)).unwrap();
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
