@@ -89,8 +89,12 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     let mut signals = Signals::new();
     let mut exited = None;
     let mut host_gone = false;
+    let mut host_read = false;
     let quit = tokio::select! {
-        _ = &mut host_reader => Quit::HostClosed,
+        _ = &mut host_reader => {
+            host_read = true;
+            Quit::HostClosed
+        }
         _ = &mut host_writer => {
             host_gone = true;
             Quit::HostClosed
@@ -107,7 +111,10 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     // closes the server's stdin, the primary shutdown signal for a stdio server. The grace
     // period runs from now, while the queue drains: a server that stopped reading cannot stretch
     // it (its stdin is closed when the period ends, with whatever was still queued).
-    host_reader.abort();
+    if !host_read {
+        host_reader.abort();
+        let _ = host_reader.await;
+    }
     shared.cancel_held().await;
     let mut upstream_writer = upstream_writer;
     let drain = async {
@@ -131,6 +138,7 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
         .is_err()
     {
         upstream_reader.abort();
+        let _ = upstream_reader.await;
     }
     shared.fail_pending().await;
     let Shared { to_host, audit, .. } = match Arc::try_unwrap(shared) {

@@ -137,8 +137,14 @@ impl Shared {
             let _ = cancel.send(());
         }
         let tasks: Vec<_> = self.held_tasks().drain(..).collect();
-        for task in tasks {
-            let _ = tokio::time::timeout(upstream::GRACE, task).await;
+        for mut task in tasks {
+            if tokio::time::timeout(upstream::GRACE, &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+                let _ = task.await;
+            }
         }
     }
 
