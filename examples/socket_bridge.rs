@@ -10,7 +10,7 @@
 //! at once without waiting for stdin. The exit code is 0 in both cases; it is
 //! 2 for a usage error and 1 when the connection cannot be made.
 
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Shutdown, TcpStream};
 
 fn main() {
@@ -39,46 +39,32 @@ fn main() {
     // the peer sees EOF; the main thread keeps reading until the peer is done.
     std::thread::spawn(move || {
         let mut socket = to_socket;
-        let mut stdin = std::io::stdin().lock();
-        let mut line = Vec::new();
-        loop {
-            line.clear();
-            match stdin.read_until(b'\n', &mut line) {
-                Ok(0) | Err(_) => break,
-                Ok(_) => {
-                    if socket
-                        .write_all(&line)
-                        .and_then(|()| socket.flush())
-                        .is_err()
-                    {
-                        break;
-                    }
-                }
-            }
-        }
+        copy_lines(&mut std::io::stdin().lock(), &mut socket);
         let _ = socket.shutdown(Shutdown::Write);
     });
 
     // socket → stdout on the main thread: when the socket's read side ends the
     // process exits, without waiting for the stdin thread.
-    let mut socket = BufReader::new(from_socket);
-    let mut stdout = std::io::stdout().lock();
+    copy_lines(
+        &mut BufReader::new(from_socket),
+        &mut std::io::stdout().lock(),
+    );
+    let _ = stream.shutdown(Shutdown::Both);
+    std::process::exit(0);
+}
+
+/// Copies `from` to `to` a line at a time, flushing each, until EOF or an error on either side.
+fn copy_lines(from: &mut impl BufRead, to: &mut impl Write) {
     let mut line = Vec::new();
     loop {
         line.clear();
-        match socket.read_until(b'\n', &mut line) {
-            Ok(0) | Err(_) => break,
+        match from.read_until(b'\n', &mut line) {
+            Ok(0) | Err(_) => return,
             Ok(_) => {
-                if stdout
-                    .write_all(&line)
-                    .and_then(|()| stdout.flush())
-                    .is_err()
-                {
-                    break;
+                if to.write_all(&line).and_then(|()| to.flush()).is_err() {
+                    return;
                 }
             }
         }
     }
-    let _ = stream.shutdown(Shutdown::Both);
-    std::process::exit(0);
 }
