@@ -38,18 +38,21 @@ struct Answered {
 /// A temp directory holding one test's config, audit log, the example server's call log and
 /// the state directory (so the approval queue) of both the proxy and the `approvals` CLI.
 struct Fixture {
-    dir: tempfile::TempDir,
+    scratch: util::Scratch,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = util::Scratch;
+    fn deref(&self) -> &util::Scratch {
+        &self.scratch
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
         Fixture {
-            dir: tempfile::tempdir().expect("tempdir"),
+            scratch: util::Scratch::new(),
         }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
     }
 
     fn state_dir(&self) -> PathBuf {
@@ -58,14 +61,6 @@ impl Fixture {
 
     fn queue_dir(&self) -> PathBuf {
         self.state_dir().join("approvals")
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.path().join("audit.jsonl")
-    }
-
-    fn server_log(&self) -> PathBuf {
-        self.path().join("calls.log")
     }
 
     /// An enforce-mode config in front of the example server (logging its calls), auditing to
@@ -200,27 +195,6 @@ impl Fixture {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-    }
-
-    /// The tools the example server was called with, in order.
-    fn server_tools(&self) -> Vec<String> {
-        std::fs::read_to_string(self.server_log())
-            .unwrap_or_default()
-            .lines()
-            .map(|line| line.split(' ').next().unwrap_or_default().to_owned())
-            .collect()
-    }
-
-    /// The audit lines (read once the proxy has exited, so all of them are written).
-    fn audit(&self) -> Vec<Value> {
-        std::fs::read_to_string(self.audit_path())
-            .unwrap_or_default()
-            .lines()
-            .map(|line| {
-                serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line:?}"))
-            })
-            .collect()
     }
 
     /// The audit line of the call with host id `id`.

@@ -186,26 +186,21 @@ impl Host {
 
 /// A temp directory holding a test's config, audit log and the example server's call log.
 struct Fixture {
-    dir: tempfile::TempDir,
+    scratch: util::Scratch,
+}
+
+impl std::ops::Deref for Fixture {
+    type Target = util::Scratch;
+    fn deref(&self) -> &util::Scratch {
+        &self.scratch
+    }
 }
 
 impl Fixture {
     fn new() -> Fixture {
         Fixture {
-            dir: tempfile::tempdir().expect("tempdir"),
+            scratch: util::Scratch::new(),
         }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn audit_path(&self) -> PathBuf {
-        self.path().join("audit.jsonl")
-    }
-
-    fn server_log(&self) -> PathBuf {
-        self.path().join("calls.log")
     }
 
     /// A config in front of the example server (logging its calls), auditing to
@@ -258,39 +253,6 @@ impl Fixture {
             .env("XDG_STATE_HOME", self.path().join("state"))
             .current_dir(self.path());
         command
-    }
-
-    /// The `tools/call`s the example server received: `(tool, arguments)`.
-    fn server_calls(&self) -> Vec<(String, Value)> {
-        let text = std::fs::read_to_string(self.server_log()).unwrap_or_default();
-        text.lines()
-            .map(|line| {
-                let (tool, arguments) = line.split_once(' ').expect("`<tool> <arguments>`");
-                let arguments = serde_json::from_str(arguments).expect("JSON arguments");
-                (tool.to_owned(), arguments)
-            })
-            .collect()
-    }
-
-    fn server_tools(&self) -> Vec<String> {
-        self.server_calls().into_iter().map(|(t, _)| t).collect()
-    }
-
-    fn audit_text(&self) -> String {
-        std::fs::read_to_string(self.audit_path()).unwrap_or_default()
-    }
-
-    /// The audit lines written so far, each checked to be one JSON object.
-    fn audit(&self) -> Vec<Value> {
-        self.audit_text()
-            .lines()
-            .map(|line| {
-                let value: Value = serde_json::from_str(line)
-                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line:?}"));
-                assert!(value.is_object(), "audit line is not an object: {line}");
-                value
-            })
-            .collect()
     }
 
     /// Waits (bounded) until the audit log has at least `n` lines.

@@ -1106,3 +1106,63 @@ pub fn sorted_sha256(value: &Value) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// A temporary directory for one test: the config, the audit log and the example server's call
+/// log (`EXAMPLE_SERVER_LOG`) live here. Test fixtures wrap it.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.path().join("audit.jsonl")
+    }
+
+    pub fn server_log(&self) -> PathBuf {
+        self.path().join("calls.log")
+    }
+
+    /// The calls the example server received, in order: tool and arguments.
+    pub fn server_calls(&self) -> Vec<(String, Value)> {
+        let text = std::fs::read_to_string(self.server_log()).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                let (tool, arguments) = line.split_once(' ').expect("`<tool> <arguments>`");
+                let arguments = serde_json::from_str(arguments).expect("JSON arguments");
+                (tool.to_owned(), arguments)
+            })
+            .collect()
+    }
+
+    /// The tools the example server was called with, in order.
+    pub fn server_tools(&self) -> Vec<String> {
+        self.server_calls().into_iter().map(|(t, _)| t).collect()
+    }
+
+    pub fn audit_text(&self) -> String {
+        std::fs::read_to_string(self.audit_path()).unwrap_or_default()
+    }
+
+    /// The audit lines written so far, each checked to be one JSON object.
+    pub fn audit(&self) -> Vec<Value> {
+        self.audit_text()
+            .lines()
+            .map(|line| {
+                let value: Value = serde_json::from_str(line)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {line:?}"));
+                assert!(value.is_object(), "audit line is not an object: {line}");
+                value
+            })
+            .collect()
+    }
+}
