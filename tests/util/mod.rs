@@ -40,6 +40,8 @@ use tokio::io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, Buf
 use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
+pub mod apie;
+
 /// Legacy-era protocol version the harness sends in `initialize`.
 pub const LEGACY_VERSION: &str = "2025-11-25";
 /// The stateless protocol version (no `initialize`, `_meta` on every request).
@@ -702,15 +704,24 @@ where
 
 /// Points the proxy's state directory (the local approval queue) at one temporary directory
 /// for the whole test run, unless the test chose its own: tests never touch the user's queue.
+/// Also drops `APIE_API_KEY` and `APIE_BASE_URL` unless the test set them: no test ever talks
+/// to a real guard service.
 pub fn isolate_state(command: &mut Command) {
     static STATE: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    let already = command
-        .as_std()
-        .get_envs()
-        .any(|(k, _)| k == "APIE_MCP_STATE_DIR");
-    if !already {
+    let chosen = |name: &str| command.as_std().get_envs().any(|(k, _)| k == name);
+    let state_chosen = chosen("APIE_MCP_STATE_DIR");
+    let service_chosen = ["APIE_API_KEY", "APIE_BASE_URL"].map(chosen);
+    if !state_chosen {
         let dir = STATE.get_or_init(|| tempfile::tempdir().expect("create state tempdir"));
         command.env("APIE_MCP_STATE_DIR", dir.path());
+    }
+    for (name, chosen) in ["APIE_API_KEY", "APIE_BASE_URL"]
+        .into_iter()
+        .zip(service_chosen)
+    {
+        if !chosen {
+            command.env_remove(name);
+        }
     }
 }
 
