@@ -136,7 +136,7 @@ impl Evaluation {
 
     /// Takes the service's verdict. A matched local `warn` or `require_approval` rule stays a
     /// floor: the service can make a call stricter than the local policy, never laxer.
-    pub fn with_verdict(mut self, verdict: Verdict) -> Evaluation {
+    pub fn take_verdict(&mut self, verdict: Verdict) {
         let floor = match self.source {
             Source::Rule { .. } => Some(self.decision),
             Source::RiskDefault => None,
@@ -145,7 +145,6 @@ impl Evaluation {
         self.decision = raise(verdict.policy);
         self.enforced = raise(verdict.effective);
         self.service = Some(Box::new(verdict));
-        self
     }
 
     /// What the mode table makes of this evaluation: enforce acts on the enforced decision,

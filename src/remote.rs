@@ -164,6 +164,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub agent_key: String,
+    pub server: String,
     pub agent_name: String,
     pub run_id: String,
     pub environment: Option<String>,
@@ -188,7 +189,8 @@ pub enum SetupError {
 }
 
 impl Service {
-    /// A client for `config`; starts the event sender, so call it inside the runtime.
+    /// A client for `config`. Registers the agent and starts the event sender in the
+    /// background, so call it inside the runtime.
     pub fn new(
         config: &GuardService,
         key: &ApiKey,
@@ -210,6 +212,7 @@ impl Service {
             key: key.0.clone(),
             timeout: config.timeout,
         };
+        tokio::spawn(identify(endpoint.clone(), identity.clone()));
         Ok(Service {
             events: config.events.then(|| Events::start(endpoint.clone())),
             breaker: Breaker::new(config.failure_threshold, config.cooldown),
@@ -221,37 +224,6 @@ impl Service {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
-    }
-
-    /// `POST /v1/agents/identify`; a failure is logged, never fatal.
-    pub async fn identify(&self) {
-        let id = &self.identity;
-        let body = json!({
-            "agent": {"key": id.agent_key, "name": id.agent_name},
-            "runtime": {
-                "environment": id.environment,
-                "framework": FRAMEWORK,
-                "language": "rust",
-                "sdk_version": VERSION,
-            },
-            "mode": id.mode,
-            "source": "mcp_proxy",
-        });
-        match self
-            .endpoint
-            .post("/v1/agents/identify", &body, self.endpoint.timeout)
-            .await
-        {
-            Ok(_) => tracing::debug!("registered with the guard service"),
-            Err(e) => {
-                if e.is_config_error() {
-                    tracing::error!(
-                        "guard service configuration error (check the API key and guard.baseUrl): {e}"
-                    );
-                }
-                tracing::warn!("identify failed: {e}")
-            }
-        }
     }
 
     /// `POST /v1/guardrails/evaluate` through the circuit breaker.
@@ -358,6 +330,11 @@ impl Service {
         }
     }
 
+    /// Whether events are sent (`guard.events`).
+    pub fn takes_events(&self) -> bool {
+        self.events.is_some()
+    }
+
     /// Queues an event of `kind` with the common fields filled in (APIE-WIRE §1.7).
     pub fn event(&self, kind: &str, fields: Value) {
         let Some(events) = &self.events else { return };
@@ -399,6 +376,31 @@ impl Service {
         if let Some(events) = &self.events {
             events.close(within).await;
         }
+    }
+}
+
+/// `POST /v1/agents/identify`; a failure is logged, never fatal.
+async fn identify(endpoint: Endpoint, id: Identity) {
+    let body = json!({
+        "agent": {"key": id.agent_key, "name": id.agent_name},
+        "runtime": {
+            "environment": id.environment,
+            "framework": FRAMEWORK,
+            "language": "rust",
+            "sdk_version": VERSION,
+        },
+        "mode": id.mode,
+        "source": "mcp_proxy",
+    });
+    match endpoint
+        .post("/v1/agents/identify", &body, endpoint.timeout)
+        .await
+    {
+        Ok(_) => tracing::debug!("registered with the guard service"),
+        Err(e) if e.is_config_error() => tracing::error!(
+            "guard service configuration error (check the API key and guard.baseUrl): identify: {e}"
+        ),
+        Err(e) => tracing::warn!("identify failed: {e}"),
     }
 }
 
