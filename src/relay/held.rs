@@ -557,7 +557,7 @@ async fn ask_host(
     let params = question(shared, held, &arguments, &reason).params(with_mode);
     let (answer, answered) = oneshot::channel();
     let id = shared.outbound().issue(Origin::Proxy(answer));
-    let approval_id = id.to_string();
+    let approval_id = id.as_text().to_string();
     let request = json!({"jsonrpc": "2.0", "id": id.to_value(), "method": "elicitation/create", "params": params});
     shared.reply(None, Bytes::from(request.to_string())).await;
     requested_event(shared, held, &approval_id, "elicitation");
