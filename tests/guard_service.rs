@@ -495,12 +495,13 @@ async fn apie_base_url_is_used_when_the_config_has_none() {
     let mut proxy = fx
         .builder(&config)
         .env("APIE_API_KEY", KEY)
-        .env("APIE_BASE_URL", fx.apie.url())
+        // A trailing slash is harmless.
+        .env("APIE_BASE_URL", format!("{}/", fx.apie.url()))
         .spawn();
     proxy.initialize_legacy(json!({})).await;
     let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
     assert_blocked(&response, "add");
-    assert_eq!(fx.apie.count(EVALUATE), 1);
+    assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert!(fx.server_tools().is_empty());
 }
@@ -1235,6 +1236,7 @@ fn failure_cases() -> Vec<FailureCase> {
             Reply::json(json!({"reason": "no decision here", "decision_id": "dec_x"})),
             "unknown_decision",
         ),
+        other("empty body", Reply::raw(200, ""), "bad_body"),
         other("timeout", Reply::decision("allow").delayed(1500), "timeout"),
         // Configuration errors last: the stderr line must not appear before them.
         http(401, true),
@@ -1369,6 +1371,33 @@ async fn failures_in_monitor_mode_always_forward() {
     assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_tools(), ["add", "add"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failure_codes_follow_error_codes() {
+    let fx = Fixture::new().await;
+    fx.apie
+        .set_evaluate_default(Reply::status(503, json!({"error": "down"})));
+    for (mode, code) in [("fail_closed", -31001), ("throw", -31003)] {
+        let mut proxy = fx
+            .start(json!({
+                "guardFailureMode": mode,
+                "errorCodes": {"blocked": -31001, "approval": -31002, "guardUnavailable": -31003},
+            }))
+            .await;
+        let response = proxy.call_tool(mode, "add", json!({"a": 1, "b": 1})).await;
+        assert_eq!(response["error"]["code"], code, "{mode}: {response}");
+        assert_eq!(
+            response["error"]["data"]["kind"], "guard_unavailable",
+            "{mode}: {response}"
+        );
+        assert_eq!(
+            response["error"]["data"]["failure"], "http_status",
+            "{mode}: {response}"
+        );
+        assert_eq!(finish(proxy).await.code(), Some(0));
+    }
+    assert!(fx.server_tools().is_empty());
 }
 
 // ---------------------------------------------------------------------------
@@ -1614,6 +1643,12 @@ async fn events_are_posted_with_the_listed_types_by_shutdown() {
         assert_eq!(
             request.header("authorization"),
             Some(format!("Bearer {KEY}").as_str())
+        );
+        assert!(
+            request
+                .header("content-type")
+                .is_some_and(|t| t.starts_with("application/json")),
+            "{request:?}"
         );
         assert!(
             !request.body.contains("hunter2"),
@@ -1905,6 +1940,10 @@ async fn guard_approval_denials_through_the_long_poll() {
         let data = assert_not_approved(&response, "approval_denied", status);
         assert_eq!(data["approval_id"], approval.as_str(), "{said}: {response}");
         assert_eq!(data["tool"], "deploy_service", "{said}: {response}");
+        assert!(
+            data.as_object().is_some_and(|d| d.contains_key("rule")) && data["rule"].is_null(),
+            "{said}: data.rule must be null: {response}"
+        );
         let line = fx.audit_of(id.as_str()).await;
         assert_eq!(line["outcome"], "denied", "{said}: {line}");
         assert_eq!(line["status"], status, "{said}: {line}");
@@ -2014,6 +2053,13 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
         cancels[0].header("authorization"),
         Some(format!("Bearer {KEY}").as_str())
     );
+    assert!(
+        cancels[0]
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{:?}",
+        cancels[0]
+    );
     let line = fx.audit_of("t1").await;
     assert_eq!(line["outcome"], "denied", "{line}");
     assert_eq!(line["status"], "timeout", "{line}");
@@ -2030,6 +2076,17 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
 
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
+    let events = fx.apie.events();
+    for approval in ["apr_slow", "apr_slow_poll"] {
+        let resolved: Vec<&Value> = events
+            .iter()
+            .filter(|e| {
+                e["type"] == "agent.approval.resolved" && e["approval"]["approval_id"] == approval
+            })
+            .collect();
+        assert_eq!(resolved.len(), 1, "{approval}: {events:#?}");
+        assert_eq!(resolved[0]["approval"]["status"], "timeout", "{approval}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2161,6 +2218,166 @@ async fn a_held_call_with_a_progress_token_gets_progress() {
         assert_eq!(message["params"]["progressToken"], "pt-1", "{message}");
     }
     assert_eq!(finish(proxy).await.code(), Some(0));
+}
+
+/// The upstream played by the test, behind `socket_bridge`.
+struct ScriptedUpstream {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>>,
+    write: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl ScriptedUpstream {
+    /// Binds a loopback listener; returns it and the `upstream` entry for the config.
+    async fn listen() -> (tokio::net::TcpListener, Value) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        (
+            listener,
+            json!({"command": util::socket_bridge_bin(), "args": [addr]}),
+        )
+    }
+
+    async fn accept(listener: tokio::net::TcpListener) -> ScriptedUpstream {
+        use tokio::io::AsyncBufReadExt as _;
+        let (socket, _) = tokio::time::timeout(WAIT, listener.accept())
+            .await
+            .expect("the proxy never started the upstream")
+            .expect("accept");
+        let (read, write) = socket.into_split();
+        ScriptedUpstream {
+            lines: tokio::io::BufReader::new(read).lines(),
+            write,
+        }
+    }
+
+    /// The next message the upstream received.
+    async fn recv(&mut self) -> Value {
+        match tokio::time::timeout(WAIT, self.lines.next_line()).await {
+            Ok(Ok(Some(line))) => serde_json::from_str(&line)
+                .unwrap_or_else(|e| panic!("the upstream got {line:?}: {e}")),
+            other => panic!("nothing reached the upstream: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, message: &Value) {
+        use tokio::io::AsyncWriteExt as _;
+        self.write
+            .write_all(format!("{message}\n").as_bytes())
+            .await
+            .expect("write to the proxy");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_progress_after_a_held_call_keeps_increasing() {
+    let fx = Fixture::new().await;
+    let (listener, upstream) = ScriptedUpstream::listen().await;
+    let config = fx.config(guard_channel(json!({"upstream": upstream})));
+    let mut proxy = fx.builder(&config).env("APIE_API_KEY", KEY).spawn();
+    let mut server = ScriptedUpstream::accept(listener).await;
+
+    // The handshake, through the proxy.
+    proxy
+        .send(&util::request(
+            0,
+            "initialize",
+            json!({
+                "protocolVersion": util::LEGACY_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "guard-test-host", "version": "0.0.0"},
+            }),
+        ))
+        .await;
+    let initialize = server.recv().await;
+    assert_eq!(initialize["method"], "initialize", "{initialize}");
+    server
+        .send(&json!({
+            "jsonrpc": "2.0",
+            "id": initialize["id"],
+            "result": {
+                "protocolVersion": util::LEGACY_VERSION,
+                "capabilities": {"tools": {}},
+                "serverInfo": {"name": "scripted-upstream", "version": "0.0.0"},
+            },
+        }))
+        .await;
+    let initialized = proxy.recv_until_id(0).await;
+    assert!(initialized.get("result").is_some(), "{initialized}");
+    proxy
+        .send(&util::notification(
+            "notifications/initialized",
+            Value::Null,
+        ))
+        .await;
+    assert_eq!(server.recv().await["method"], "notifications/initialized");
+
+    // Held, with progress from the proxy.
+    fx.apie
+        .script_evaluate(Reply::require_approval("apr_shift"));
+    proxy
+        .send(&util::request(
+            "sh",
+            "tools/call",
+            json!({
+                "name": "deploy_service",
+                "arguments": prod(),
+                "_meta": {"progressToken": "pt-shift"},
+            }),
+        ))
+        .await;
+    let first = proxy.recv().await;
+    assert_eq!(first["method"], "notifications/progress", "{first}");
+    fx.apie.wait_for(&wait_path("apr_shift"), 1).await;
+    fx.apie.set_approval("apr_shift", "approved");
+
+    // Forwarded; the upstream's own progress for the token comes after the proxy's.
+    let call = server.recv().await;
+    assert_eq!(call["method"], "tools/call", "{call}");
+    assert_eq!(
+        call["params"]["_meta"]["progressToken"], "pt-shift",
+        "{call}"
+    );
+    server
+        .send(&util::notification(
+            "notifications/progress",
+            json!({"progressToken": "pt-shift", "progress": 1, "total": 4, "message": "upstream working"}),
+        ))
+        .await;
+    let mut proxy_progress = first["params"]["progress"].as_f64().expect("a number");
+    let shifted = loop {
+        let message = proxy.recv().await;
+        assert_eq!(message["method"], "notifications/progress", "{message}");
+        assert_eq!(message["params"]["progressToken"], "pt-shift", "{message}");
+        if message["params"]["message"] == "upstream working" {
+            break message;
+        }
+        proxy_progress = message["params"]["progress"].as_f64().expect("a number");
+    };
+    assert_eq!(
+        shifted["params"]["progress"].as_f64(),
+        Some(1.0 + proxy_progress),
+        "after the proxy's progress {proxy_progress}: {shifted}"
+    );
+    assert_eq!(
+        shifted["params"]["total"].as_f64(),
+        Some(4.0 + proxy_progress),
+        "{shifted}"
+    );
+    server
+        .send(&json!({
+            "jsonrpc": "2.0",
+            "id": call["id"],
+            "result": {"content": [{"type": "text", "text": "done"}]},
+        }))
+        .await;
+    let response = proxy.recv_until_id("sh").await;
+    assert_eq!(result_text(&response), "done", "{response}");
+
+    proxy.close_stdin();
+    drop(server);
+    proxy.wait_exit(WAIT).await;
 }
 
 // ---------------------------------------------------------------------------
