@@ -5,7 +5,8 @@
 //!
 //! Every proxy here runs with an API key and `guard.baseUrl` pointing at its own fake service,
 //! so the requests it makes can be counted and read. What the upstream really received is read
-//! from `EXAMPLE_SERVER_LOG` ([`util::Scratch::server_calls`]).
+//! from `EXAMPLE_SERVER_LOG` ([`util::Scratch::server_calls`]); one test plays the upstream
+//! itself behind `socket_bridge`, to send progress of its own.
 //!
 //! The server name is `files`, so the qualified names are `files.<tool>`. Without the service,
 //! `add` and `echo` are medium risk (allowed by `riskDefaults`) and `deploy_service` is critical
@@ -233,6 +234,31 @@ fn configuration_errors(proxy: &RawSession) -> usize {
         .lines()
         .filter(|l| l.contains("configuration error"))
         .count()
+}
+
+/// How many stderr lines of the proxy are warnings or errors.
+fn warnings(proxy: &RawSession) -> usize {
+    proxy
+        .stderr_text()
+        .lines()
+        .filter(|l| {
+            let l = l.to_ascii_lowercase();
+            l.contains("warn") || l.contains("error")
+        })
+        .count()
+}
+
+/// Waits (bounded) until the proxy has written at least `n` warning or error lines.
+async fn warnings_eventually(proxy: &RawSession, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while warnings(proxy) < n {
+        assert!(
+            Instant::now() < deadline,
+            "expected {n} warning lines on stderr:\n{}",
+            proxy.stderr_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Waits (bounded) until `n` stderr lines of the proxy say "configuration error".
@@ -1261,6 +1287,7 @@ async fn failure_matrix(failure_mode: &str) {
             case.http_status.map(|s| s.to_string()).unwrap_or_default()
         );
         let logged = configuration_errors(&proxy);
+        let warned = warnings(&proxy);
         fx.apie.script_evaluate(case.reply);
         let id = i as i64 + 1;
         let arguments = json!({"a": id, "b": 0});
@@ -1286,6 +1313,8 @@ async fn failure_matrix(failure_mode: &str) {
             i + 1,
             "{label}: one request per call"
         );
+        // Every failure is said on stderr (fail_open included: the call went through unguarded).
+        warnings_eventually(&proxy, warned + 1).await;
         if case.configuration_error {
             configuration_errors_eventually(&proxy, logged + 1).await;
         } else {
