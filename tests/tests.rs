@@ -3,6 +3,7 @@
 mod approvals;
 mod cli;
 mod direct;
+mod elicitation;
 mod interop;
 mod proxy;
 mod shutdown;
