@@ -1,4 +1,6 @@
-//! Human approval (SPEC §6): statuses, and the `local` channel.
+//! Human approval (SPEC §6): statuses, and the `local` channel; the question put to a human in
+//! the host is in [`prompt`], the sealed 2026-07-28 `requestState` in [`state`]. (The `guard`
+//! channel is the service's: [`crate::remote`].)
 //!
 //! The local channel is a queue of files in the user's state directory
 //! (`$APIE_MCP_STATE_DIR`, else `<state dir>/apie-mcp`, under `approvals/`), so any terminal can
@@ -9,6 +11,9 @@
 //! tool and the SHA-256 of the arguments, the answer must name the same request, the proxy
 //! removes both files once it has read the answer (single use), and a request past its expiry
 //! cannot be answered.
+
+pub mod prompt;
+pub mod state;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

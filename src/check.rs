@@ -7,7 +7,7 @@ use std::io::Write as _;
 use std::time::Duration;
 
 use crate::cli::{CheckArgs, RunArgs};
-use crate::config::{self, Config, Env, FailureMode, ProcessEnv};
+use crate::config::{self, Config, FailureMode, ProcessEnv};
 use crate::guard::Mode;
 use crate::guard::metadata::RawToolDecl;
 
@@ -18,7 +18,7 @@ pub fn run(args: &CheckArgs) -> u8 {
     };
     match config::load(&run_args, &ProcessEnv) {
         Ok(config) => {
-            let text = report(&config, &ProcessEnv);
+            let text = report(&config);
             let _ = std::io::stdout().lock().write_all(text.as_bytes());
             0
         }
@@ -30,7 +30,7 @@ pub fn run(args: &CheckArgs) -> u8 {
 }
 
 /// Warnings about a valid config.
-pub fn warnings(config: &Config, env: &dyn Env) -> Vec<String> {
+pub fn warnings(config: &Config) -> Vec<String> {
     let mut out = config.warnings.clone();
     if config.mode == Mode::Enforce && config.guard_failure_mode == FailureMode::FailOpen {
         out.push(
@@ -58,7 +58,7 @@ pub fn warnings(config: &Config, env: &dyn Env) -> Vec<String> {
                 .into(),
         );
     }
-    if env.var(&config.guard.api_key_env).is_some()
+    if config.guard.api_key.is_some()
         && config.guard.base_url.starts_with("http://")
         && !is_loopback(&config.guard.base_url)
     {
@@ -114,7 +114,7 @@ fn describe_decl(decl: &RawToolDecl) -> String {
 }
 
 /// The effective policy, as text.
-pub fn report(config: &Config, env: &dyn Env) -> String {
+pub fn report(config: &Config) -> String {
     let mut s = String::new();
     let file = config
         .file
@@ -138,7 +138,7 @@ pub fn report(config: &Config, env: &dyn Env) -> String {
     if let Some(env) = &config.environment {
         let _ = writeln!(s, "environment:   {env}");
     }
-    let service = if env.var(&config.guard.api_key_env).is_some() {
+    let service = if config.guard.api_key.is_some() {
         format!(
             "{} (key from ${})",
             config.guard.base_url, config.guard.api_key_env
@@ -193,7 +193,7 @@ pub fn report(config: &Config, env: &dyn Env) -> String {
         d.high.as_str(),
         d.critical.as_str()
     );
-    let warnings = warnings(config, env);
+    let warnings = warnings(config);
     if !warnings.is_empty() {
         let _ = writeln!(s, "\nwarnings:");
         for w in warnings {

@@ -126,10 +126,22 @@ impl RiskDefaults {
 pub struct GuardService {
     pub base_url: String,
     pub api_key_env: String,
+    /// The key read from `api_key_env`; `None` (unset or empty) means local rules only.
+    pub api_key: Option<ApiKey>,
     pub timeout: Duration,
     pub failure_threshold: u32,
     pub cooldown: Duration,
     pub events: bool,
+}
+
+/// A secret that never shows in `Debug` output or logs.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(pub String);
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey([REDACTED])")
+    }
 }
 
 /// The validated configuration of one proxy run.
@@ -537,9 +549,14 @@ pub fn resolve(
                 format!("{base_url:?} is not an http(s) URL"),
             ));
         }
+        let api_key_env = g.api_key_env.unwrap_or_else(|| "APIE_API_KEY".into());
         let service = GuardService {
             base_url: base_url.trim_end_matches('/').to_string(),
-            api_key_env: g.api_key_env.unwrap_or_else(|| "APIE_API_KEY".into()),
+            api_key: env
+                .var(&api_key_env)
+                .filter(|key| !key.trim().is_empty())
+                .map(ApiKey),
+            api_key_env,
             timeout: Duration::from_millis(g.timeout_ms.unwrap_or(5000)),
             failure_threshold: cb.failure_threshold.unwrap_or(3),
             cooldown: Duration::from_millis(cb.cooldown_ms.unwrap_or(30_000)),

@@ -20,6 +20,25 @@ pub enum Decision {
 }
 
 impl Decision {
+    /// Orders decisions from the most permissive to the strictest.
+    pub fn strictness(self) -> u8 {
+        match self {
+            Decision::Allow => 0,
+            Decision::Warn => 1,
+            Decision::RequireApproval => 2,
+            Decision::Block => 3,
+        }
+    }
+
+    /// The stricter of two decisions.
+    pub fn stricter(self, other: Decision) -> Decision {
+        if other.strictness() > self.strictness() {
+            other
+        } else {
+            self
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Decision::Allow => "allow",
@@ -67,6 +86,7 @@ use std::sync::RwLock;
 use serde_json::Value;
 
 use crate::config::{Config, RiskDefaults};
+use crate::remote::verdict::Verdict;
 use metadata::{ListedTool, ToolCatalog, ToolMeta};
 use rules::{CallFacts, RuleSet, Runtime};
 
@@ -86,8 +106,14 @@ pub enum Source {
 #[derive(Debug, Clone)]
 pub struct Evaluation {
     pub meta: ToolMeta,
+    /// The policy decision: what the audit log and the service's events report.
     pub decision: Decision,
+    /// What enforce mode acts on: the policy decision, or the service's effective decision.
+    pub enforced: Decision,
+    /// The local decision's origin.
     pub source: Source,
+    /// The service's verdict, when it was asked.
+    pub service: Option<Box<Verdict>>,
 }
 
 impl Evaluation {
@@ -98,8 +124,51 @@ impl Evaluation {
         }
     }
 
-    /// A reason a person can read: the rule's own, else what decided.
+    /// Whether the service has a say: a local `allow` or `block` rule is final (SPEC §4).
+    pub fn needs_service(&self) -> bool {
+        match self.source {
+            Source::Rule { .. } => {
+                matches!(self.decision, Decision::Warn | Decision::RequireApproval)
+            }
+            Source::RiskDefault => true,
+        }
+    }
+
+    /// Takes the service's verdict. A matched local `warn` or `require_approval` rule stays a
+    /// floor: the service can make a call stricter than the local policy, never laxer.
+    pub fn take_verdict(&mut self, verdict: Verdict) {
+        let floor = match self.source {
+            Source::Rule { .. } => Some(self.decision),
+            Source::RiskDefault => None,
+        };
+        let raise = |d: Decision| floor.map_or(d, |f| f.stricter(d));
+        self.decision = raise(verdict.policy);
+        self.enforced = raise(verdict.effective);
+        self.service = Some(Box::new(verdict));
+    }
+
+    /// What the mode table makes of this evaluation: enforce acts on the enforced decision,
+    /// monitor reports the policy decision.
+    pub fn action(&self, mode: Mode) -> Action {
+        match mode {
+            Mode::Enforce => action(mode, self.enforced),
+            _ => action(mode, self.decision),
+        }
+    }
+
+    /// The service guardrail that matched, if any.
+    pub fn guardrail(&self) -> Option<&str> {
+        self.service.as_ref()?.matched_guardrail.as_deref()
+    }
+
+    /// A reason a person can read: the service's, else the rule's own, else what decided.
     pub fn reason(&self) -> String {
+        if let Some(service) = &self.service {
+            return match &service.reason {
+                Some(reason) => reason.clone(),
+                None => format!("the guard service decided {}", self.decision.as_str()),
+            };
+        }
         match &self.source {
             Source::Rule {
                 reason: Some(reason),
@@ -196,7 +265,9 @@ impl Guard {
         Evaluation {
             meta,
             decision,
+            enforced: decision,
             source,
+            service: None,
         }
     }
 

@@ -12,7 +12,10 @@
 //! - [`relay`]: the session: one reader task per direction, guarded forwarding.
 //! - [`guard`]: decisions and the mode table; [`guard::metadata`] (tool facts and risk) and
 //!   [`guard::rules`] (local rules).
-//! - [`approval`]: human approval: statuses and the local queue.
+//! - [`remote`]: the Apie guard service over HTTP: evaluate, circuit breaker, approvals, events.
+//! - [`redact`]: secret-looking argument values, replaced in everything that leaves the proxy.
+//! - [`approval`]: human approval: statuses, the local queue, elicitation prompts and sealed
+//!   `requestState`s.
 //! - [`audit`]: the JSONL audit log.
 //! - [`check`]: `apie-mcp check`.
 
@@ -24,7 +27,9 @@ pub mod config;
 pub mod framing;
 pub mod guard;
 pub mod jsonrpc;
+pub mod redact;
 pub mod relay;
+pub mod remote;
 pub mod upstream;
 
 use clap::Parser;

@@ -11,8 +11,9 @@
 //! - [`run`] itself waits for the first of: host EOF, a signal, the server exiting, and then
 //!   runs the one shutdown path.
 //!
-//! The host side lives in [`from_host`] (with the waits for held calls), the upstream side in
-//! [`from_upstream`], and what they share in [`state`]; the submodules see this module's imports.
+//! The host side lives in [`from_host`], the upstream side in [`from_upstream`], calls that wait
+//! (on the guard service or a human) in [`held`], and what they share in [`state`]; the
+//! submodules see this module's imports.
 //!
 //! Forwarded messages are the original bytes of the line. The state both readers share
 //! ([`Shared`]) sits behind short, uncontended locks and is never held across an await.
@@ -28,17 +29,22 @@ use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
+use tokio_util::sync::CancellationToken;
+
 use crate::approval::{self, Status};
 use crate::audit::{self, Audit, Record};
-use crate::config::{ApprovalChannel, BlockResponse, Config, ErrorCodes};
+use crate::config::{ApprovalChannel, BlockResponse, Config, ErrorCodes, FailureMode};
 use crate::framing::{self, Frame, LineReader};
 use crate::guard::metadata::ListedTool;
-use crate::guard::{self, Action, Evaluation, Guard, Mode};
+use crate::guard::{self, Action, Guard, Mode};
 use crate::jsonrpc::{self, Id, Kind, Message, Parsed, Rejection, Reply, code};
+use crate::redact::Redactor;
+use crate::remote;
 use crate::upstream::{self, Upstream};
 
 mod from_host;
 mod from_upstream;
+mod held;
 mod state;
 
 use from_host::host_loop;
@@ -141,6 +147,9 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
         let _ = upstream_reader.await;
     }
     shared.fail_pending().await;
+    if let Some(remote) = &shared.remote {
+        remote.close(upstream::GRACE).await;
+    }
     let Shared { to_host, audit, .. } = match Arc::try_unwrap(shared) {
         Ok(shared) => shared,
         Err(_) => {

@@ -447,7 +447,9 @@ async fn everything_server_through_the_proxy_with_raw_lines() {
             json!({"duration": 1, "steps": 1}),
         )
         .await;
+    // The host declared elicitation, so the proxy asked it (and this host declines).
     assert_eq!(held["error"]["code"], json!(-32002), "{held}");
+    assert_eq!(held["error"]["data"]["status"], json!("rejected"), "{held}");
 
     // The server's own roots/list request (sent 350 ms after `initialized`), answered by the
     // host through the proxy: the server confirms it with a log notification.
@@ -465,7 +467,18 @@ async fn everything_server_through_the_proxy_with_raw_lines() {
     // A server→host request inside an allowed call (declared low risk in the config).
     let elicited = host.call(7, "trigger-elicitation-request", json!({})).await;
     assert!(elicited.get("result").is_some(), "{elicited}");
-    assert_eq!(host.elicitations.len(), 1, "{:?}", host.elicitations);
+    let (ours, theirs): (Vec<&Value>, Vec<&Value>) = host.elicitations.iter().partition(|e| {
+        e["params"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("[apie-mcp]"))
+    });
+    assert_eq!(
+        (ours.len(), theirs.len()),
+        (1, 1),
+        "{:?}",
+        host.elicitations
+    );
+    assert_ne!(ours[0]["id"], theirs[0]["id"], "ids must never collide");
     assert!(
         util::result_text(&elicited)
             .to_lowercase()

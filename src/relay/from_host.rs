@@ -1,8 +1,10 @@
 //! Host → upstream: every line the host sends is classified, refused or forwarded; every
-//! `tools/call` goes through the guard first, and calls that need a human wait in tasks of their
-//! own.
+//! `tools/call` goes through the guard first. A call the local rules settle is forwarded or
+//! refused on the spot; one that must wait (for the guard service or a human) goes to a task of
+//! its own ([`held`]), so nothing else waits with it.
 
-use super::state::{Batch, Pending, take_if_complete, with_id};
+use super::held::{self, HeldCall};
+use super::state::{Batch, Expect, HostReply, Origin, Pending, take_if_complete, with_id};
 use super::*;
 
 // === host → upstream ===
@@ -44,82 +46,6 @@ pub(super) struct HostSide<'a> {
     pub(super) shared: &'a Shared,
     pub(super) shared_arc: &'a Arc<Shared>,
     pub(super) to_upstream: &'a mpsc::Sender<Bytes>,
-}
-
-/// A call waiting for a human, with everything needed to forward or refuse it later.
-pub(super) struct HeldCall {
-    pub(super) id: Id,
-    pub(super) call: ToolCall,
-    pub(super) eval: Evaluation,
-    pub(super) digest: String,
-    pub(super) raw: Bytes,
-    pub(super) batch: Option<u64>,
-    pub(super) started: Instant,
-}
-
-/// The wait for one held call: forwards it if approved, answers -32002 otherwise, and ends
-/// silently when the host cancels it (or the session ends).
-pub(super) async fn wait_for_approval(
-    shared: Arc<Shared>,
-    to_upstream: mpsc::Sender<Bytes>,
-    queue: approval::Queue,
-    request: approval::Request,
-    held: HeldCall,
-    cancelled: oneshot::Receiver<()>,
-) {
-    let answer = tokio::select! {
-        answer = approval::wait_local(&queue, &request, shared.approval_timeout) => Some(answer),
-        _ = cancelled => None,
-    };
-    shared.held().remove(&held.id);
-    let approval_id = Some(request.id.as_str());
-    match answer {
-        Some((Status::Approved, _)) => {
-            tracing::info!(tool = %held.call.name, approval = %request.id, "approved: forwarded");
-            shared.audit_call_with(
-                &held.id,
-                &held.eval,
-                "approved",
-                approval_id,
-                Some("approved"),
-                &held.digest,
-                held.started,
-            );
-            shared.pending().insert(
-                held.id.clone(),
-                Pending {
-                    lists_tools: false,
-                    batch: held.batch,
-                },
-            );
-            let _ = to_upstream.send(held.raw.clone()).await;
-        }
-        Some((status, reason)) => {
-            let reason = reason.unwrap_or_else(|| match status {
-                Status::Timeout => format!(
-                    "{}; nobody answered within {} ms",
-                    held.eval.reason(),
-                    shared.approval_timeout.as_millis()
-                ),
-                _ => held.eval.reason(),
-            });
-            tracing::warn!(tool = %held.call.name, approval = %request.id, status = status.as_str(), "not approved");
-            shared.deny(&held, status, approval_id, &reason).await;
-        }
-        None => {
-            tracing::info!(tool = %held.call.name, approval = %request.id, "held call cancelled");
-            shared.cancelled_in_batch(held.batch).await;
-            shared.audit_call_with(
-                &held.id,
-                &held.eval,
-                "cancelled",
-                approval_id,
-                Some("cancelled"),
-                &held.digest,
-                held.started,
-            );
-        }
-    }
 }
 
 impl HostSide<'_> {
@@ -198,20 +124,24 @@ impl HostSide<'_> {
                 self.shared.audit_dropped(msg.params);
             }
             Kind::Request { id, method } => {
-                self.shared.pending().insert(
-                    id.clone(),
-                    Pending {
-                        lists_tools: method == "tools/list",
-                        batch,
-                    },
-                );
+                let expect = match method.as_ref() {
+                    "tools/list" => Expect::ToolsList,
+                    "initialize" => {
+                        self.shared.host().elicitation = declares_form_elicitation(msg.params);
+                        Expect::Initialize
+                    }
+                    _ => Expect::Plain,
+                };
+                self.shared
+                    .pending()
+                    .insert(id.clone(), Pending { expect, batch });
                 self.forward(raw).await;
             }
             Kind::Notification { method } if method == "notifications/cancelled" => {
                 let id = cancelled_id(msg.params);
                 // A held call the server never saw: end the wait here, answer nothing.
                 if let Some(cancel) = id.as_ref().and_then(|id| self.shared.held().remove(id)) {
-                    let _ = cancel.send(());
+                    cancel.cancel();
                     return;
                 }
                 // The host no longer wants an answer: do not invent one if the server dies, and
@@ -222,14 +152,31 @@ impl HostSide<'_> {
                 }
                 self.forward(raw).await
             }
-            Kind::Response { id, .. } => {
-                let server_id = self.shared.outbound().by_host_id.remove(id);
-                match server_id.and_then(|server_id| with_id(&raw, &server_id)) {
-                    Some(raw) => self.forward(raw).await,
+            Kind::Response { id, body } => {
+                let origin = self.shared.outbound().by_host_id.remove(id);
+                match origin {
+                    Some(Origin::Upstream(server_id)) => match with_id(&raw, &server_id) {
+                        Some(raw) => self.forward(raw).await,
+                        None => {
+                            tracing::warn!(%id, "dropped a host response that could not be renumbered")
+                        }
+                    },
+                    Some(Origin::Proxy(waiter)) => {
+                        let reply = match body {
+                            Reply::Result(r) => HostReply::Result(parse_value(r)),
+                            Reply::Error(e) => HostReply::Error(parse_value(e)),
+                        };
+                        let _ = waiter.send(reply);
+                    }
                     None => tracing::warn!(%id, "dropped a host response to no request in flight"),
                 }
             }
-            Kind::Notification { .. } => self.forward(raw).await,
+            Kind::Notification { method } => {
+                if method == "notifications/initialized" {
+                    self.shared.host().initialized = true;
+                }
+                self.forward(raw).await
+            }
         }
     }
 
@@ -258,76 +205,52 @@ impl HostSide<'_> {
         };
         let shared = self.shared;
         if shared.mode == Mode::Off {
-            return self.forward_call(id, raw, batch).await;
+            return self.forward_call(id, raw, batch, None).await;
         }
         let eval = shared.guard.evaluate(&call.name, &call.arguments);
-        let action = guard::action(shared.mode, eval.decision);
-        // The digest is for the audit log and for binding an approval; skip it when neither.
-        let digest = if shared.audit.enabled() || action == Action::AskApproval {
+        let ask_service = shared.remote.is_some() && eval.needs_service();
+        let action = eval.action(shared.mode);
+        // The digest goes to the audit log, the service, and binds approvals; skip it when none.
+        let digest = if shared.audit.enabled()
+            || ask_service
+            || action == Action::AskApproval
+            || call.resumes()
+        {
             guard::arguments_digest(&call.arguments)
         } else {
             String::new()
         };
-        let rule = eval.rule().unwrap_or("-");
-        match action {
-            Action::Forward { outcome } => {
-                shared.audit_call(id, &eval, outcome, None, &digest, started);
-                match outcome {
-                    "would_block" => {
-                        tracing::warn!(tool = %call.name, rule, "would block in enforce mode: {}", eval.reason())
-                    }
-                    "would_require_approval" => {
-                        tracing::warn!(tool = %call.name, rule, "would require approval in enforce mode: {}", eval.reason())
-                    }
-                    _ if eval.decision == guard::Decision::Warn => {
-                        tracing::warn!(tool = %call.name, rule, "warn: {}", eval.reason())
-                    }
-                    _ => tracing::debug!(tool = %call.name, "allowed"),
-                }
-                self.forward_call(id, raw, batch).await
-            }
-            Action::Block => {
-                shared.audit_call(id, &eval, "blocked", None, &digest, started);
-                tracing::warn!(tool = %call.name, rule, "blocked: {}", eval.reason());
-                let msg = shared.blocked(id, &call, &eval);
-                shared.reply(batch, msg).await
-            }
-            Action::AskApproval => {
-                let held = HeldCall {
-                    id: id.clone(),
-                    call,
-                    eval,
-                    digest,
-                    raw,
-                    batch,
-                    started,
-                };
-                self.hold(held).await
-            }
+        let held = HeldCall {
+            id: id.clone(),
+            call,
+            eval,
+            digest,
+            raw,
+            batch,
+            started,
+        };
+        shared.event(
+            "agent.mcp.called",
+            || json!({"payload_summary": {"server": shared.server, "tool": held.call.name}}),
+        );
+        if held.call.resumes() {
+            return held::resume(shared, self.to_upstream, held).await;
         }
+        if ask_service || action == Action::AskApproval {
+            return self.hold(held, ask_service).await;
+        }
+        held::conclude(shared, self.to_upstream, held, action).await
     }
 
-    /// Holds a call for a human on the local queue; the wait runs in a task of its own, so
-    /// everything else keeps flowing. Without a channel to ask on, the call is denied at once.
-    pub(super) async fn hold(&self, held: HeldCall) {
+    /// Hands a call that must wait to a task of its own, so everything else keeps flowing.
+    pub(super) async fn hold(&self, held: HeldCall, ask_service: bool) {
         let shared = self.shared;
-        let Some(queue) = &shared.queue else {
-            let reason = format!("{}; no approval channel is available", held.eval.reason());
-            return shared.deny(&held, Status::Rejected, None, &reason).await;
-        };
         if shared.held().len() >= shared.max_pending_calls {
             tracing::warn!(
                 limit = shared.max_pending_calls,
                 "maxPendingCalls reached: refused"
             );
-            shared.audit_call(
-                &held.id,
-                &held.eval,
-                "too_many_pending",
-                None,
-                &held.digest,
-                held.started,
-            );
+            shared.audit_call(&held, "too_many_pending");
             let data = json!({
                 "kind": "too_many_pending_calls",
                 "reason": format!("{} calls are already waiting (maxPendingCalls)", shared.max_pending_calls),
@@ -342,54 +265,31 @@ impl HostSide<'_> {
             );
             return shared.reply(held.batch, msg).await;
         }
-        let now = approval::now_ms();
-        let request = approval::Request {
-            id: approval::new_id(),
-            tool: held.call.name.clone(),
-            server: shared.server.clone(),
-            agent_key: shared.agent_key.clone(),
-            arguments_sha256: held.digest.clone(),
-            rule: held.eval.rule().map(str::to_string),
-            reason: held.eval.reason(),
-            created_ms: now,
-            expires_ms: now + shared.approval_timeout.as_millis() as u64,
-            pid: std::process::id(),
-        };
-        if let Err(e) = queue.submit(&request) {
-            tracing::error!(error = %e, "cannot queue the approval request");
-            let reason = format!(
-                "{}; the local approval queue failed: {e}",
-                held.eval.reason()
-            );
-            return shared.deny(&held, Status::Rejected, None, &reason).await;
-        }
-        tracing::warn!(
-            tool = %held.call.name,
-            rule = held.eval.rule().unwrap_or("-"),
-            approval = %request.id,
-            "call held for approval ({}): run `apie-mcp approvals approve {}` or `apie-mcp approvals reject {}`",
-            request.reason, request.id, request.id
-        );
-        let (cancel, cancelled) = oneshot::channel::<()>();
-        shared.held().insert(held.id.clone(), cancel);
-        let task = tokio::spawn(wait_for_approval(
+        let cancel = CancellationToken::new();
+        shared.held().insert(held.id.clone(), cancel.clone());
+        let task = tokio::spawn(held::wait(
             self.shared_arc.clone(),
             self.to_upstream.clone(),
-            queue.clone(),
-            request,
             held,
-            cancelled,
+            ask_service,
+            cancel,
         ));
         let mut tasks = shared.held_tasks();
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);
     }
 
-    pub(super) async fn forward_call(&self, id: &Id, raw: Bytes, batch: Option<u64>) {
+    pub(super) async fn forward_call(
+        &self,
+        id: &Id,
+        raw: Bytes,
+        batch: Option<u64>,
+        track: Option<Box<state::CallTrack>>,
+    ) {
         self.shared.pending().insert(
             id.clone(),
             Pending {
-                lists_tools: false,
+                expect: Expect::ToolsCall(track),
                 batch,
             },
         );
@@ -408,12 +308,49 @@ pub(super) fn cancelled_id(params: Option<&RawValue>) -> Option<Id> {
     Id::from_raw(params.request_id)
 }
 
+/// A JSON value the parser already accepted.
+fn parse_value(raw: &RawValue) -> Value {
+    serde_json::from_str(raw.get()).unwrap_or(Value::Null)
+}
+
+/// Whether `initialize` params declare form elicitation: `elicitation: {}` (form only, as in
+/// 2025-06-18) or `elicitation: {form: …}`; a host offering only `url` cannot show our form.
+fn declares_form_elicitation(params: Option<&RawValue>) -> bool {
+    let Some(params) = params else { return false };
+    let params = parse_value(params);
+    match params.pointer("/capabilities/elicitation") {
+        Some(Value::Object(modes)) => modes.is_empty() || modes.contains_key("form"),
+        _ => false,
+    }
+}
+
 /// The parts of a `tools/call` the guard reads, parsed strictly (see [`jsonrpc::strict`]).
 pub(super) struct ToolCall {
     pub(super) name: String,
     pub(super) arguments: Value,
     /// The call came from a 2026-07-28 client (its `_meta` carries the protocol version).
     pub(super) modern: bool,
+    /// A 2026-07-28 client that declared elicitation on this very request.
+    pub(super) elicitation: bool,
+    /// `_meta.progressToken`.
+    pub(super) progress_token: Option<Value>,
+    /// `requestState` (2026-07-28 retries).
+    pub(super) request_state: Option<String>,
+    /// `inputResponses` (2026-07-28 retries).
+    pub(super) input_responses: Option<serde_json::Map<String, Value>>,
+}
+
+impl ToolCall {
+    /// A 2026-07-28 retry that answers the proxy's own approval question.
+    pub(super) fn resumes(&self) -> bool {
+        self.request_state
+            .as_deref()
+            .is_some_and(|s| s.starts_with(approval::state::PREFIX))
+            || self
+                .input_responses
+                .as_ref()
+                .is_some_and(|r| r.contains_key(approval::prompt::INPUT_KEY))
+    }
 }
 
 impl ToolCall {
@@ -440,7 +377,13 @@ impl ToolCall {
             ));
         };
         for key in object.keys() {
-            for member in ["name", "arguments", "_meta"] {
+            for member in [
+                "name",
+                "arguments",
+                "_meta",
+                "requestState",
+                "inputResponses",
+            ] {
                 if key != member && jsonrpc::strict::eq_ignore_case(key, member) {
                     return Err(Rejection::invalid(
                         None,
@@ -468,14 +411,37 @@ impl ToolCall {
                 ));
             }
         };
-        let modern = object
-            .get("_meta")
+        let meta = object.get("_meta");
+        let modern = meta
             .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
             .is_some();
+        let elicitation = meta
+            .and_then(|m| m.get("io.modelcontextprotocol/clientCapabilities"))
+            .and_then(|c| c.get("elicitation"))
+            .is_some_and(|e| match e {
+                Value::Object(modes) => modes.is_empty() || modes.contains_key("form"),
+                _ => false,
+            });
+        let progress_token = meta
+            .and_then(|m| m.get("progressToken"))
+            .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
+            .cloned();
+        let request_state = match object.get("requestState") {
+            Some(Value::String(s)) => Some(s.clone()),
+            _ => None,
+        };
+        let input_responses = match object.remove("inputResponses") {
+            Some(Value::Object(map)) => Some(map),
+            _ => None,
+        };
         Ok(ToolCall {
             name,
             arguments,
             modern,
+            elicitation,
+            progress_token,
+            request_state,
+            input_responses,
         })
     }
 }

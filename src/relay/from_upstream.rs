@@ -2,7 +2,8 @@
 //! requests (`tools/list` results are read on the way), server requests are renumbered.
 
 use super::from_host::cancelled_id;
-use super::state::with_id;
+use super::held;
+use super::state::{Expect, with_id};
 use super::*;
 
 // === upstream → host ===
@@ -72,9 +73,37 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
             let Some(p) = pending else {
                 return shared.reply(None, raw).await;
             };
-            let raw = match body {
-                Reply::Result(result) if p.lists_tools => {
+            let raw = match (p.expect, body) {
+                (Expect::ToolsList, Reply::Result(result)) => {
                     tools_listed(shared, id, result).unwrap_or(raw)
+                }
+                (Expect::Initialize, Reply::Result(result)) => {
+                    shared.host().protocol = protocol_version(result);
+                    raw
+                }
+                (Expect::ToolsCall(Some(track)), body) => {
+                    if let Some(token) = &track.progress {
+                        shared.progress().remove(token);
+                    }
+                    if !track.tool.is_empty() {
+                        let (kind, error) = match body {
+                            Reply::Result(_) => ("agent.mcp.completed", None),
+                            Reply::Error(e) => ("agent.mcp.failed", Some(e.get())),
+                        };
+                        shared.event(kind, || {
+                            let error: Option<Value> = error.and_then(|e| serde_json::from_str(e).ok());
+                            json!({
+                                "payload_summary": {"server": shared.server, "tool": track.tool, "error": error},
+                                "metadata": {"result": {"status": if error.is_none() { "executed" } else { "failed" }}},
+                            })
+                        });
+                    }
+                    match (&track.grant, body) {
+                        (Some(grant), Reply::Result(result)) => {
+                            held::carry_grant(shared, id, result, grant).unwrap_or(raw)
+                        }
+                        _ => raw,
+                    }
                 }
                 _ => raw,
             };
@@ -94,9 +123,14 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
             shared.reply(None, remapped.unwrap_or(raw)).await
         }
         Kind::Notification { method } => {
-            if method == "notifications/tools/list_changed" {
-                shared.guard.forget();
-            }
+            let raw = match method.as_ref() {
+                "notifications/tools/list_changed" => {
+                    shared.guard.forget();
+                    raw
+                }
+                "notifications/progress" => shift_progress(shared, msg.params, &raw).unwrap_or(raw),
+                _ => raw,
+            };
             shared.reply(None, raw).await
         }
         Kind::Request { id, .. } => {
@@ -112,6 +146,36 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
     }
 }
 
+/// The `protocolVersion` of an `initialize` result.
+fn protocol_version(result: &RawValue) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Init {
+        #[serde(rename = "protocolVersion")]
+        protocol_version: String,
+    }
+    serde_json::from_str::<Init>(result.get())
+        .ok()
+        .map(|i| i.protocol_version)
+}
+
+/// Progress on a token the proxy already reported on (while the call waited for a human)
+/// continues past the proxy's last value, so it keeps increasing as the spec requires.
+fn shift_progress(shared: &Shared, params: Option<&RawValue>, raw: &[u8]) -> Option<Bytes> {
+    if shared.progress().is_empty() {
+        return None;
+    }
+    let mut params: Value = serde_json::from_str(params?.get()).ok()?;
+    let token = params.get("progressToken")?.to_string();
+    let offset = *shared.progress().get(&token)?;
+    for field in ["progress", "total"] {
+        if let Some(n) = params.get(field).and_then(Value::as_f64) {
+            params[field] = json!(n + offset);
+        }
+    }
+    let text = std::str::from_utf8(raw).ok()?;
+    jsonrpc::replace_member(text, "params", &params.to_string()).map(Bytes::from)
+}
+
 /// Reads a `tools/list` result: learns the annotations, and with `hideBlockedTools` returns the
 /// rewritten response without the tools every call of which would be blocked.
 pub(super) fn tools_listed(shared: &Shared, id: &Id, result: &RawValue) -> Option<Bytes> {
@@ -121,6 +185,10 @@ pub(super) fn tools_listed(shared: &Shared, id: &Id, result: &RawValue) -> Optio
     }
     let listing: Listing = serde_json::from_str(result.get()).ok()?;
     shared.guard.learn(&listing.tools);
+    shared.event("agent.mcp.tools_listed", || {
+        let tools: Vec<&str> = listing.tools.iter().map(|t| t.name.as_str()).collect();
+        json!({"payload_summary": {"server": shared.server, "tool_count": tools.len(), "tools": tools}})
+    });
     if !shared.guard.hide_blocked_tools() {
         return None;
     }

@@ -1,41 +1,107 @@
 //! What both directions of the session share: requests in flight, batches being gathered,
-//! the server-to-host id map, held calls; and how the proxy answers and audits on its own.
+//! the server-to-host id map, held calls, what the host can do; and how the proxy answers,
+//! audits and reports on its own.
 
-use super::from_host::{HeldCall, ToolCall};
+use super::from_host::ToolCall;
+use super::held::HeldCall;
 use super::*;
 
 // === shared state ===
 
 /// A host request sent upstream and not yet answered.
 pub(super) struct Pending {
-    /// `tools/list` results are read on the way back.
-    pub(super) lists_tools: bool,
+    /// What the answer is read for on the way back.
+    pub(super) expect: Expect,
     /// The batch the request came in, if any.
     pub(super) batch: Option<u64>,
 }
 
-/// The id map for server→host requests: the host sees `"apie:<n>"`, the server its own id.
+pub(super) enum Expect {
+    /// Nothing: the answer goes to the host as it is.
+    Plain,
+    /// `tools/list`: annotations are learned (and blocked tools maybe hidden).
+    ToolsList,
+    /// `initialize`: the negotiated protocol version.
+    Initialize,
+    /// A guarded `tools/call`, with what its answer needs, when it needs anything.
+    ToolsCall(Option<Box<CallTrack>>),
+}
+
+/// What the answer to a forwarded `tools/call` is read for.
+#[derive(Default)]
+pub(super) struct CallTrack {
+    /// For the service's events.
+    pub(super) tool: String,
+    /// A 2026-07-28 call a human approved: if the upstream asks for more input, its
+    /// `requestState` is sealed with the approval, so the retry is not asked about again.
+    pub(super) grant: Option<(String, String)>,
+    /// The progress token whose later notifications are shifted past the proxy's own.
+    pub(super) progress: Option<String>,
+}
+
+/// Who sent a request the host is answering.
+pub(super) enum Origin {
+    /// The server, under its own id.
+    Upstream(Id),
+    /// The proxy itself (an approval prompt), waiting on the channel.
+    Proxy(oneshot::Sender<HostReply>),
+}
+
+/// The host's answer to a request of the proxy's own.
+#[derive(Debug)]
+pub(super) enum HostReply {
+    Result(Value),
+    Error(Value),
+}
+
+/// Server→host requests in flight, and the proxy's own: the host sees `"apie:<n>"` for both,
+/// from one counter, so the two can never collide.
 #[derive(Default)]
 pub(super) struct Outbound {
     pub(super) last: u64,
-    /// Host-side id → the server's id.
-    pub(super) by_host_id: HashMap<Id, Id>,
+    /// Host-side id → who asked.
+    pub(super) by_host_id: HashMap<Id, Origin>,
 }
 
 impl Outbound {
-    pub(super) fn remap(&mut self, server_id: &Id) -> Id {
+    /// A fresh host-side id for a request from `origin`.
+    pub(super) fn issue(&mut self, origin: Origin) -> Id {
         self.last += 1;
         let id = Id::String(format!("apie:{}", self.last).into());
-        self.by_host_id.insert(id.clone(), server_id.clone());
+        self.by_host_id.insert(id.clone(), origin);
         id
+    }
+
+    pub(super) fn remap(&mut self, server_id: &Id) -> Id {
+        self.issue(Origin::Upstream(server_id.clone()))
     }
 
     /// The host-side id of a server request still in flight.
     pub(super) fn host_id_of(&self, server_id: &Id) -> Option<Id> {
         self.by_host_id
             .iter()
-            .find(|(_, s)| *s == server_id)
+            .find(|(_, origin)| matches!(origin, Origin::Upstream(s) if s == server_id))
             .map(|(h, _)| h.clone())
+    }
+}
+
+/// What the host said about itself in `initialize` (legacy sessions).
+#[derive(Default, Debug)]
+pub(super) struct HostInfo {
+    /// It declared form elicitation (`elicitation: {}` or `{form: …}`).
+    pub(super) elicitation: bool,
+    /// The version the server answered `initialize` with.
+    pub(super) protocol: Option<String>,
+    /// `notifications/initialized` was seen: requests to the host are allowed from here on.
+    pub(super) initialized: bool,
+}
+
+impl HostInfo {
+    /// The proxy may send `elicitation/create` (MCP-NOTES §5.1).
+    pub(super) fn can_elicit(&self) -> bool {
+        self.elicitation
+            && self.initialized
+            && self.protocol.as_deref().is_some_and(|v| v >= "2025-06-18")
     }
 }
 
@@ -70,12 +136,23 @@ pub(super) struct Shared {
     /// Server→host requests in flight, by the id the host saw (SPEC §7: remapped, so requests
     /// the proxy itself sends the host can never collide with the server's).
     pub(super) outbound: Mutex<Outbound>,
+    /// The guard service, when an API key is set (and the mode is not off).
+    pub(super) remote: Option<remote::Service>,
+    pub(super) failure_mode: FailureMode,
+    pub(super) redactor: Redactor,
+    /// Approval channels in order of preference.
+    pub(super) channels: Vec<ApprovalChannel>,
     /// The local approval queue, when `approvals.channels` lists `local`.
     pub(super) queue: Option<approval::Queue>,
     pub(super) approval_timeout: Duration,
+    pub(super) approval_poll: Duration,
+    pub(super) sealer: approval::state::Sealer,
     pub(super) max_pending_calls: usize,
-    /// Calls held for a human, by the host's id: sending on the channel ends the wait.
-    pub(super) held: Mutex<HashMap<Id, oneshot::Sender<()>>>,
+    /// Calls waiting on the service or a human, by the host's id: cancelling ends the wait.
+    pub(super) held: Mutex<HashMap<Id, CancellationToken>>,
+    pub(super) host: Mutex<HostInfo>,
+    /// Progress tokens of approved calls → how far the proxy's own progress went.
+    pub(super) progress: Mutex<HashMap<String, f64>>,
     /// The tasks waiting on held calls, so shutdown can let them clean up.
     pub(super) held_tasks: Mutex<Vec<JoinHandle<()>>>,
     /// The host writer's queue. Held here so both readers (and shutdown) can answer the host.
@@ -93,11 +170,35 @@ impl Shared {
         } else {
             None
         };
+        let remote = match (&config.guard.api_key, config.mode) {
+            (Some(key), Mode::Enforce | Mode::Monitor) => {
+                let identity = remote::Identity {
+                    agent_key: config.agent_key.clone(),
+                    agent_name: config.agent_name.clone(),
+                    server: config.server_name.clone(),
+                    run_id: config.run_id.clone(),
+                    environment: config.environment.clone(),
+                    mode: config.mode.as_str(),
+                };
+                remote::Service::new(&config.guard, key, identity)
+                    .inspect_err(|e| tracing::error!("guard service unavailable: {e}"))
+                    .ok()
+            }
+            _ => None,
+        };
         Shared {
+            remote,
+            failure_mode: config.guard_failure_mode,
+            redactor: Redactor::new(&config.redact_keys),
+            channels: config.approval_channels.clone(),
             queue,
             approval_timeout: config.approval_timeout,
+            approval_poll: config.approval_poll_interval,
+            sealer: approval::state::Sealer::new(),
             max_pending_calls: config.max_pending_calls,
             held: Mutex::new(HashMap::new()),
+            host: Mutex::new(HostInfo::default()),
+            progress: Mutex::new(HashMap::new()),
             held_tasks: Mutex::new(Vec::new()),
             mode: config.mode,
             audit,
@@ -122,8 +223,24 @@ impl Shared {
         self.batches.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Id, oneshot::Sender<()>>> {
+    pub(super) fn held(&self) -> std::sync::MutexGuard<'_, HashMap<Id, CancellationToken>> {
         self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn host(&self) -> std::sync::MutexGuard<'_, HostInfo> {
+        self.host.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn progress(&self) -> std::sync::MutexGuard<'_, HashMap<String, f64>> {
+        self.progress.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an event for the service, when there is one and it takes events; `fields` is
+    /// only built then.
+    pub(super) fn event(&self, kind: &str, fields: impl FnOnce() -> Value) {
+        if let Some(remote) = self.remote.as_ref().filter(|r| r.takes_events()) {
+            remote.event(kind, fields());
+        }
     }
 
     pub(super) fn held_tasks(&self) -> std::sync::MutexGuard<'_, Vec<JoinHandle<()>>> {
@@ -134,7 +251,7 @@ impl Shared {
     /// drops its way to the upstream.
     pub(super) async fn cancel_held(&self) {
         for (_, cancel) in self.held().drain() {
-            let _ = cancel.send(());
+            cancel.cancel();
         }
         let tasks: Vec<_> = self.held_tasks().drain(..).collect();
         for mut task in tasks {
@@ -245,44 +362,45 @@ pub(super) fn take_if_complete(batches: &mut HashMap<u64, Batch>, b: u64) -> Opt
 // === answers and audit ===
 
 impl Shared {
-    pub(super) fn audit_call(
-        &self,
-        id: &Id,
-        eval: &Evaluation,
-        outcome: &str,
-        status: Option<&str>,
-        digest: &str,
-        started: Instant,
-    ) {
-        self.audit_call_with(id, eval, outcome, None, status, digest, started)
+    /// Audits what became of a call.
+    pub(super) fn audit_call(&self, held: &HeldCall, outcome: &str) {
+        self.audit_call_with(held, outcome, None, None, None)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Audits what became of a call, with the approval it waited on and, where the
+    /// evaluation's own reason is not the whole story, another reason.
     pub(super) fn audit_call_with(
         &self,
-        id: &Id,
-        eval: &Evaluation,
+        held: &HeldCall,
         outcome: &str,
         approval_id: Option<&str>,
         status: Option<&str>,
-        digest: &str,
-        started: Instant,
+        reason: Option<&str>,
     ) {
         if !self.audit.enabled() {
             return;
         }
-        let reason = eval.reason();
+        let eval = &held.eval;
+        let own_reason;
+        let reason = match reason {
+            Some(reason) => reason,
+            None => {
+                own_reason = eval.reason();
+                &own_reason
+            }
+        };
         self.audit.write(&Record {
-            request_id: Some(id.to_value()),
+            request_id: Some(held.id.to_value()),
             tool: &eval.meta.name,
             risk_level: Some(eval.meta.risk.as_str()),
             decision: Some(eval.decision.as_str()),
             rule: eval.rule(),
-            reason: Some(&reason),
+            guardrail: eval.guardrail(),
+            reason: Some(reason),
             approval_id,
             status,
-            latency_ms: started.elapsed().as_secs_f64() * 1000.0,
-            arguments_sha256: Some(digest),
+            latency_ms: held.started.elapsed().as_secs_f64() * 1000.0,
+            arguments_sha256: Some(&held.digest),
             ..self.record(outcome)
         });
     }
@@ -325,22 +443,24 @@ impl Shared {
     }
 
     /// The answer to a blocked call (SPEC §7).
-    pub(super) fn blocked(&self, id: &Id, call: &ToolCall, eval: &Evaluation) -> Bytes {
+    pub(super) fn blocked(&self, held: &HeldCall) -> Bytes {
+        let eval = &held.eval;
+        let service = eval.service.as_deref();
         let data = json!({
             "kind": "guard_blocked",
             "reason": eval.reason(),
-            "decision_id": null,
+            "decision_id": service.and_then(|s| s.decision_id.as_deref()),
             "policy_decision": eval.decision.as_str(),
-            "effective_decision": "block",
-            "enforcement_action": "block",
-            "mode": self.mode.as_str(),
-            "matched_guardrail": null,
+            "effective_decision": eval.enforced.as_str(),
+            "enforcement_action": service.map_or("block", |s| s.enforcement_action.as_str()),
+            "mode": service.and_then(|s| s.mode.as_deref()).unwrap_or(self.mode.as_str()),
+            "matched_guardrail": eval.guardrail(),
             "rule": eval.rule(),
-            "tool": call.name,
+            "tool": held.call.name,
         });
         self.refusal(
-            id,
-            call,
+            &held.id,
+            &held.call,
             self.codes.blocked,
             "Action blocked by Apie guardrail",
             data,
@@ -356,14 +476,15 @@ impl Shared {
         reason: &str,
     ) {
         self.audit_call_with(
-            &held.id,
-            &held.eval,
+            held,
             "denied",
             approval_id,
             Some(status.as_str()),
-            &held.digest,
-            held.started,
+            Some(reason),
         );
+        self.event("agent.mcp.failed", || {
+            json!({"payload_summary": {"server": self.server, "tool": held.call.name, "status": status.as_str(), "reason": reason}})
+        });
         let kind = if status == Status::Timeout {
             "approval_timeout"
         } else {

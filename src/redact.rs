@@ -1,0 +1,105 @@
+//! Redaction: what leaves the proxy (guard requests, events, approval prompts) never carries the
+//! values of argument keys that look secret (`redactKeys`, SPEC §3).
+//!
+//! A key matches when it contains any of the configured needles, ignoring case; its value, at
+//! any depth and inside arrays, becomes `"[REDACTED]"`. The upstream always gets the real
+//! arguments: redaction works on a copy.
+
+use serde_json::Value;
+
+/// What a redacted value is replaced by.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// The compiled `redactKeys` list.
+#[derive(Debug, Clone)]
+pub struct Redactor {
+    needles: Vec<String>,
+}
+
+impl Redactor {
+    pub fn new(keys: &[String]) -> Redactor {
+        Redactor {
+            needles: keys.iter().map(|k| k.to_lowercase()).collect(),
+        }
+    }
+
+    /// True when values under `key` are secret.
+    pub fn is_secret(&self, key: &str) -> bool {
+        if self.needles.is_empty() {
+            return false;
+        }
+        let key = key.to_lowercase();
+        self.needles.iter().any(|needle| key.contains(needle))
+    }
+
+    /// A copy of `value` with every secret key's value replaced.
+    pub fn redact(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        let v = if self.is_secret(k) {
+                            Value::String(REDACTED.into())
+                        } else {
+                            self.redact(v)
+                        };
+                        (k.clone(), v)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
+            other => other.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn defaults() -> Redactor {
+        let keys = [
+            "token",
+            "password",
+            "secret",
+            "api_key",
+            "apiKey",
+            "authorization",
+            "credential",
+        ];
+        Redactor::new(&keys.map(String::from))
+    }
+
+    #[test]
+    fn secret_keys_are_replaced_at_any_depth_and_in_arrays() {
+        let args = json!({
+            "user": "ada",
+            "Password": "hunter2",
+            "auth": {"accessToken": "t", "scope": "read"},
+            "items": [{"client_secret": "s", "id": 1}, "plain"],
+            "APIKEY": {"nested": "whole value goes"},
+        });
+        assert_eq!(
+            defaults().redact(&args),
+            json!({
+                "user": "ada",
+                "Password": REDACTED,
+                "auth": {"accessToken": REDACTED, "scope": "read"},
+                "items": [{"client_secret": REDACTED, "id": 1}, "plain"],
+                "APIKEY": REDACTED,
+            })
+        );
+    }
+
+    #[test]
+    fn a_custom_list_replaces_the_defaults_and_an_empty_one_redacts_nothing() {
+        let args = json!({"password": "p", "ssn": "123", "SSN_last4": "3"});
+        let custom = Redactor::new(&["ssn".to_string()]);
+        assert_eq!(
+            custom.redact(&args),
+            json!({"password": "p", "ssn": REDACTED, "SSN_last4": REDACTED})
+        );
+        assert_eq!(Redactor::new(&[]).redact(&args), args);
+    }
+}
