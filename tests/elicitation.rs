@@ -121,8 +121,9 @@ impl Fixture {
             .collect()
     }
 
-    /// An enforce-mode config in front of the example server with approvals on `channels`,
-    /// [`policies`]`(HELD)`; the top-level keys of `extra` are added or replace the base ones.
+    /// An enforce-mode config in front of the example server with approvals on `channels` (no
+    /// `approvals` key at all when empty: the default channels), [`policies`]`(HELD)`; the
+    /// top-level keys of `extra` are added or replace the base ones.
     fn config(&self, channels: &[&str], extra: Value) -> PathBuf {
         let mut config = json!({
             "agentKey": "elicitation-test-agent",
@@ -139,6 +140,12 @@ impl Fixture {
             "policies": policies(HELD),
             "approvals": {"channels": channels},
         });
+        if channels.is_empty() {
+            config
+                .as_object_mut()
+                .expect("an object")
+                .remove("approvals");
+        }
         if let Value::Object(extra) = extra {
             for (key, value) in extra {
                 config[key] = value;
@@ -760,7 +767,8 @@ async fn protocol_2025_06_18_elicitation_has_no_mode() {
 #[tokio::test]
 async fn protocol_before_2025_06_18_is_never_elicited() {
     let fx = Fixture::new();
-    let config = fx.config(&["elicitation"], json!({}));
+    // A short timeout, so a proxy that does ask fails this test quickly (with status timeout).
+    let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 1000}));
     let mut proxy = fx.raw(&config);
     // The host claims elicitation, but 2025-03-26 has none.
     let init = handshake(&mut proxy, "2025-03-26", json!({"elicitation": {}}), true).await;
@@ -787,7 +795,8 @@ async fn protocol_before_2025_06_18_is_never_elicited() {
 #[tokio::test]
 async fn no_elicitation_before_notifications_initialized() {
     let fx = Fixture::new();
-    let config = fx.config(&["elicitation"], json!({}));
+    // A short timeout, so a proxy that does ask fails this test quickly (with status timeout).
+    let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 1000}));
     let mut proxy = fx.raw(&config);
     // Declares elicitation, but never sends notifications/initialized.
     handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), false).await;
@@ -1810,4 +1819,272 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
         "{progress:?}"
     );
     assert_eq!(finish(proxy).await.code(), Some(0));
+}
+
+// ---------------------------------------------------------------------------
+// More than one held call; channels by default; modes; limits
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_held_calls_get_their_own_questions_and_answers() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({}));
+    let mut proxy = fx.raw(&config);
+    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut others = Vec::new();
+
+    proxy
+        .send(&util::legacy_call("a", "deploy_service", prod()))
+        .await;
+    let question_a = next_request(&mut proxy, "elicitation/create", &mut others).await;
+    let staging = json!({"service": "web", "environment": "staging"});
+    proxy
+        .send(&util::legacy_call("b", "deploy_service", staging.clone()))
+        .await;
+    let question_b = next_request(&mut proxy, "elicitation/create", &mut others).await;
+    assert_ne!(question_a["id"], question_b["id"]);
+    // Each question is about its own call.
+    let text_b = question_b["params"]["message"].as_str().unwrap_or_default();
+    assert!(
+        text_b.contains("staging") && !text_b.contains("production"),
+        "{text_b:?}"
+    );
+
+    // The second is approved first; the first is declined.
+    proxy
+        .send(&reply(
+            &question_b["id"],
+            elicit_result("accept", Some(true)),
+        ))
+        .await;
+    let b = proxy.recv_until_id("b").await;
+    assert_eq!(result_text(&b), "deployed web to staging", "{b}");
+    proxy
+        .send(&reply(&question_a["id"], elicit_result("decline", None)))
+        .await;
+    let a = proxy.recv_until_id("a").await;
+    assert_not_approved(&a, "deploy_service", "approval_denied", "rejected");
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert_eq!(
+        fx.server_calls(),
+        [("deploy_service".to_owned(), staging)],
+        "only the approved call reached the server"
+    );
+    assert!(others.is_empty(), "{others:?}");
+}
+
+#[tokio::test]
+async fn default_channels_without_a_guard_service_ask_the_host() {
+    let fx = Fixture::new();
+    // No `approvals` key: guard (unusable without a key), elicitation, local.
+    let config = fx.config(&[], json!({}));
+    let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
+    let log = host.log();
+    let client = connect(host, fx.command(&config), Era::Legacy)
+        .await
+        .expect("connect through the proxy");
+    let deployed = client
+        .call_tool(call_params("deploy_service", prod()))
+        .await
+        .expect("approved in the host");
+    assert_eq!(first_text(&deployed), "deployed api to production");
+    assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
+    assert!(fx.listed().await.is_empty(), "the local queue was used too");
+    client.close().await;
+    assert_eq!(fx.server_tools(), ["deploy_service"]);
+}
+
+#[tokio::test]
+async fn monitor_mode_never_asks_the_host() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
+    let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
+    let log = host.log();
+    let client = connect(host, fx.command(&config), Era::Legacy)
+        .await
+        .expect("connect through the proxy");
+    let deployed = client
+        .call_tool(call_params("deploy_service", prod()))
+        .await
+        .expect("monitor forwards");
+    assert_eq!(first_text(&deployed), "deployed api to production");
+    assert!(log.elicitations().is_empty(), "{:?}", log.elicitations());
+    client.close().await;
+    assert_eq!(fx.server_tools(), ["deploy_service"]);
+    let lines = fx.audit();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["outcome"], "would_require_approval", "{lines:?}");
+}
+
+#[tokio::test]
+async fn modern_monitor_mode_never_answers_input_required() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
+    let mut proxy = fx.raw(&config);
+    proxy
+        .send(&mcall(
+            "m",
+            "deploy_service",
+            prod(),
+            eliciting(),
+            json!({}),
+        ))
+        .await;
+    let response = proxy.recv_until_id("m").await;
+    assert_eq!(
+        result_text(&response),
+        "deployed api to production",
+        "{response}"
+    );
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert_eq!(fx.server_tools(), ["deploy_service"]);
+}
+
+#[tokio::test]
+async fn a_call_waiting_on_the_host_counts_toward_max_pending_calls() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({"maxPendingCalls": 1}));
+    let mut proxy = fx.raw(&config);
+    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut others = Vec::new();
+
+    proxy
+        .send(&util::legacy_call("a", "deploy_service", prod()))
+        .await;
+    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
+    let started = Instant::now();
+    let refused = proxy
+        .call_tool("b", "delete_file", json!({"path": "/srv"}))
+        .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the refusal waited"
+    );
+    assert_eq!(refused["error"]["code"], -32003, "{refused}");
+    assert_eq!(
+        refused["error"]["data"]["kind"], "too_many_pending_calls",
+        "{refused}"
+    );
+    // Calls nobody has to decide on are not held, so not limited.
+    let echoed = proxy.call_tool("e", "echo", json!({"text": "free"})).await;
+    assert_eq!(result_text(&echoed), "free", "{echoed}");
+
+    proxy
+        .send(&reply(&question["id"], elicit_result("accept", Some(true))))
+        .await;
+    let a = proxy.recv_until_id("a").await;
+    assert_eq!(result_text(&a), "deployed api to production", "{a}");
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert_eq!(fx.server_tools(), ["echo", "deploy_service"]);
+    let stray: Vec<&Value> = proxy_requests(&others).collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}
+
+/// The server→host requests among `messages`.
+fn proxy_requests(messages: &[Value]) -> impl Iterator<Item = &Value> {
+    messages
+        .iter()
+        .filter(|m| m.get("method").is_some() && m.get("id").is_some())
+}
+
+#[tokio::test]
+async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
+    // `confirm` needs the human's approval; once approved the upstream asks its own question.
+    // The host's answer completes the call, once: the same retry again must not reach the
+    // upstream without a human.
+    let fx = Fixture::new();
+    let config = fx.config(
+        &["elicitation"],
+        json!({"policies": policies(&["confirm"])}),
+    );
+    let mut proxy = fx.raw(&config);
+    let text = json!({"text": "x"});
+
+    let state = ask_modern(&mut proxy, "c1", "confirm", text.clone()).await;
+    let second = retry_modern(
+        &mut proxy,
+        "c2",
+        "confirm",
+        text.clone(),
+        elicit_result("accept", Some(true)),
+        &state,
+    )
+    .await;
+    // The upstream's own question reaches the host as it asked it.
+    let result = &second["result"];
+    assert_eq!(result["resultType"], "input_required", "{second}");
+    let requests = result["inputRequests"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no inputRequests: {second}"));
+    assert_eq!(
+        requests.keys().collect::<Vec<_>>(),
+        [CONFIRM_KEY],
+        "{second}"
+    );
+    assert_eq!(
+        requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
+        "{second}"
+    );
+    let upstream_state = result["requestState"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no requestState: {second}"))
+        .to_owned();
+
+    let answer = json!({"action": "accept", "content": {"ok": true}});
+    let final_retry = |id: &str| {
+        mcall(
+            id,
+            "confirm",
+            text.clone(),
+            eliciting(),
+            retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
+        )
+    };
+    proxy.send(&final_retry("c3")).await;
+    let third = proxy.recv_until_id("c3").await;
+    assert_eq!(result_text(&third), "confirmed x", "{third}");
+    let received = fx.server_params();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(
+        received[1]["requestState"], "example-state.x",
+        "{received:?}"
+    );
+    assert_eq!(
+        received[1]["inputResponses"],
+        json!({CONFIRM_KEY: answer}),
+        "{received:?}"
+    );
+
+    // The same retry once more: refused, or asked again; never forwarded.
+    proxy.send(&final_retry("c4")).await;
+    let replayed = proxy.recv_until_id("c4").await;
+    if replayed.get("error").is_some() {
+        assert_not_approved(&replayed, "confirm", "approval_denied", "rejected");
+    } else {
+        assert_input_required(&replayed, "confirm");
+    }
+    // And with other arguments: not this call's approval either.
+    proxy
+        .send(&mcall(
+            "c5",
+            "confirm",
+            json!({"text": "y"}),
+            eliciting(),
+            retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
+        ))
+        .await;
+    let other = proxy.recv_until_id("c5").await;
+    if other.get("error").is_some() {
+        assert_not_approved(&other, "confirm", "approval_denied", "rejected");
+    } else {
+        assert_input_required(&other, "confirm");
+    }
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert_eq!(
+        fx.server_params().len(),
+        2,
+        "a replayed or altered retry reached the upstream: {:?}",
+        fx.server_params()
+    );
+    assert_no_proxy_round_reached_the_upstream(&fx);
 }
