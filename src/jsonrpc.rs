@@ -56,6 +56,13 @@ impl Id {
         }
     }
 
+    /// The id as plain text: a string's own characters, a number's digits.
+    pub fn as_text(&self) -> &str {
+        match self {
+            Id::Number(text) | Id::String(text) => text,
+        }
+    }
+
     /// The id as a JSON value (for audit records and synthesised messages).
     pub fn to_value(&self) -> serde_json::Value {
         match self {
