@@ -1415,6 +1415,22 @@ async fn modern_forged_and_tampered_states_are_denied() {
         let data = assert_not_approved(&response, "deploy_service", "approval_denied", "rejected");
         assert!(data.get("approval_id").is_some(), "{response}");
     }
+    // The proxy's answer with no state at all: nothing binds it to a call.
+    proxy
+        .send(&mcall(
+            "stateless",
+            "deploy_service",
+            prod(),
+            eliciting(),
+            json!({"inputResponses": {APPROVAL_KEY: elicit_result("accept", Some(true))}}),
+        ))
+        .await;
+    let stateless = proxy.recv_until_id("stateless").await;
+    if stateless.get("error").is_some() {
+        assert_not_approved(&stateless, "deploy_service", "approval_denied", "rejected");
+    } else {
+        assert_input_required(&stateless, "deploy_service");
+    }
     assert!(
         fx.server_tools().is_empty(),
         "a forged state released the call: {:?}",
@@ -2087,4 +2103,38 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
         fx.server_params()
     );
     assert_no_proxy_round_reached_the_upstream(&fx);
+}
+
+#[tokio::test]
+async fn elicitation_error_reply_with_no_other_channel_is_refused() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({}));
+    let host = TestClient::new().with_elicit(ElicitAnswer::Error {
+        code: -32601,
+        message: "Method not found".to_owned(),
+    });
+    let log = host.log();
+    let client = connect(host, fx.command(&config), Era::Legacy)
+        .await
+        .expect("connect through the proxy");
+    let refused = mcp_error(
+        client
+            .call_tool(call_params("deploy_service", prod()))
+            .await,
+    );
+    let data = assert_not_approved(
+        &as_response(&refused),
+        "deploy_service",
+        "approval_denied",
+        "rejected",
+    );
+    assert!(
+        data["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no approval channel is available")),
+        "an error reply is not a human's answer: {data}"
+    );
+    assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
+    client.close().await;
+    assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
 }
