@@ -18,6 +18,15 @@
 //!   `arguments`), before the tool runs. Keys keep their wire order when
 //!   serde_json's `preserve_order` feature is on (as in apie-mcp's build) and
 //!   are sorted otherwise.
+//! - `EXAMPLE_SERVER_PARAMS_LOG=<path>`: append one line per received
+//!   `tools/call`: its whole `params` as the server read them (compact JSON:
+//!   `name`, `arguments`, and `inputResponses` / `requestState` when present).
+//! - `confirm` (2026-07-28 only) answers with its own `input_required` result
+//!   (input request key `example/confirm`, `requestState`
+//!   `example-state.<text>`) and completes on the retry that echoes that state
+//!   with an answer.
+//! - `steps` sends `count` `notifications/progress` (1..=count, total `count`)
+//!   on the call's progress token, if it has one, before answering.
 //! - It prints a one-line banner to stderr at start; stdout carries only
 //!   JSON-RPC.
 //! - Bad input (wrong argument types, out-of-range sizes) gives a result with
@@ -27,10 +36,15 @@ use std::io::Write as _;
 
 use rmcp::{
     ErrorData, RoleServer, ServerHandler, ServiceExt,
-    handler::server::{router::tool::ToolRouter, tool::ToolCallContext, wrapper::Parameters},
+    handler::server::{
+        router::tool::ToolRouter,
+        tool::{InputResponses, RequestState, ToolCallContext},
+        wrapper::Parameters,
+    },
     model::{
         CallToolRequestParams, CallToolResponse, CallToolResult, ContentBlock, ElicitRequestParams,
-        ElicitationSchema, Implementation, ServerCapabilities, ServerConfig,
+        ElicitationSchema, Implementation, InputRequiredResult, ProgressNotificationParam,
+        ServerCapabilities, ServerConfig,
     },
     schemars::{self, JsonSchema},
     service::RequestContext,
@@ -97,6 +111,12 @@ struct MessageArgs {
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
+struct StepsArgs {
+    /// How many progress notifications to send.
+    count: u32,
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 struct ExitArgs {
     /// Process exit code.
     code: i32,
@@ -106,7 +126,11 @@ struct ExitArgs {
 struct ExampleServer {
     tool_router: ToolRouter<Self>,
     log_path: Option<std::path::PathBuf>,
+    params_log_path: Option<std::path::PathBuf>,
 }
+
+/// The `inputRequests` key `confirm` uses for its own question.
+const CONFIRM_KEY: &str = "example/confirm";
 
 fn text_result(text: impl Into<String>) -> CallToolResult {
     CallToolResult::success(vec![ContentBlock::text(text)])
@@ -133,6 +157,7 @@ impl ExampleServer {
         Self {
             tool_router: Self::tool_router(),
             log_path: std::env::var_os("EXAMPLE_SERVER_LOG").map(Into::into),
+            params_log_path: std::env::var_os("EXAMPLE_SERVER_PARAMS_LOG").map(Into::into),
         }
     }
 
@@ -249,6 +274,79 @@ impl ExampleServer {
         }
     }
 
+    #[tool(
+        description = "Ask the user to confirm (2026-07-28: an input_required result of its own), then answer."
+    )]
+    fn confirm(
+        &self,
+        Parameters(args): Parameters<TextArgs>,
+        RequestState(state): RequestState,
+        InputResponses(responses): InputResponses,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResponse {
+        if context
+            .protocol_version()
+            .is_none_or(|version| version.has_initialize())
+        {
+            return error_result("confirm needs protocol 2026-07-28 (it answers input_required)")
+                .into();
+        }
+        let expected = format!("example-state.{}", args.text);
+        let answer = responses.as_ref().and_then(|r| r.get(CONFIRM_KEY));
+        let Some(answer) = answer else {
+            let question = serde_json::json!({
+                "resultType": "input_required",
+                "inputRequests": {CONFIRM_KEY: {
+                    "method": "elicitation/create",
+                    "params": {
+                        "mode": "form",
+                        "message": format!("Confirm {}?", args.text),
+                        "requestedSchema": {
+                            "type": "object",
+                            "properties": {"ok": {"type": "boolean", "title": "OK"}},
+                            "required": ["ok"],
+                        },
+                    },
+                }},
+                "requestState": expected,
+            });
+            return match serde_json::from_value::<InputRequiredResult>(question) {
+                Ok(result) => result.into(),
+                Err(e) => error_result(format!("cannot build input_required: {e}")).into(),
+            };
+        };
+        if state.as_deref() != Some(expected.as_str()) {
+            return error_result(format!("confirm: bad requestState {state:?}")).into();
+        }
+        let confirmed = answer["action"] == "accept" && answer["content"]["ok"] == true;
+        if confirmed {
+            text_result(format!("confirmed {}", args.text)).into()
+        } else {
+            text_result(format!("not confirmed {}", args.text)).into()
+        }
+    }
+
+    #[tool(
+        description = "Send `count` progress notifications on the call's progress token, then answer."
+    )]
+    async fn steps(
+        &self,
+        Parameters(args): Parameters<StepsArgs>,
+        context: RequestContext<RoleServer>,
+    ) -> CallToolResult {
+        if let Some(token) = context.meta.get_progress_token() {
+            for step in 1..=args.count {
+                let progress = ProgressNotificationParam::new(token.clone(), f64::from(step))
+                    .with_total(f64::from(args.count))
+                    .with_message(format!("step {step}"));
+                if let Err(e) = context.peer.notify_progress(progress).await {
+                    return error_result(format!("cannot notify progress: {e}"));
+                }
+            }
+        }
+        text_result(format!("did {} steps", args.count))
+    }
+
     #[tool(description = "Send notifications/tools/list_changed, then answer \"ok\".")]
     async fn changed(&self, context: RequestContext<RoleServer>) -> CallToolResult {
         match context.peer.notify_tool_list_changed().await {
@@ -267,21 +365,28 @@ impl ExampleServer {
 
 impl ExampleServer {
     fn log_call(&self, request: &CallToolRequestParams) {
-        let Some(path) = &self.log_path else {
-            return;
-        };
-        let arguments = serde_json::to_string(&request.arguments)
-            .unwrap_or_else(|e| format!("<unencodable: {e}>"));
-        let line = format!("{} {}\n", request.name, arguments);
-        // One write per line on an O_APPEND file, so lines never interleave.
-        let written = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .and_then(|mut file| file.write_all(line.as_bytes()));
-        if let Err(e) = written {
-            eprintln!("example-server: cannot write {}: {e}", path.display());
+        if let Some(path) = &self.log_path {
+            let arguments = serde_json::to_string(&request.arguments)
+                .unwrap_or_else(|e| format!("<unencodable: {e}>"));
+            append_line(path, &format!("{} {}\n", request.name, arguments));
         }
+        if let Some(path) = &self.params_log_path {
+            let params = serde_json::to_string(request)
+                .unwrap_or_else(|e| serde_json::json!({"unencodable": e.to_string()}).to_string());
+            append_line(path, &format!("{params}\n"));
+        }
+    }
+}
+
+/// One write per line on an O_APPEND file, so lines never interleave.
+fn append_line(path: &std::path::Path, line: &str) {
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut file| file.write_all(line.as_bytes()));
+    if let Err(e) = written {
+        eprintln!("example-server: cannot write {}: {e}", path.display());
     }
 }
 

@@ -81,7 +81,8 @@ impl Mode {
 
 // === the pipeline ===
 
-use std::sync::RwLock;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
 
@@ -105,7 +106,7 @@ pub enum Source {
 /// A decision about one call, with what it was based on.
 #[derive(Debug, Clone)]
 pub struct Evaluation {
-    pub meta: ToolMeta,
+    pub meta: Arc<ToolMeta>,
     /// The policy decision: what the audit log and the service's events report.
     pub decision: Decision,
     /// What enforce mode acts on: the policy decision, or the service's effective decision.
@@ -219,8 +220,14 @@ pub struct Guard {
     risk_defaults: RiskDefaults,
     runtime: Runtime,
     catalog: RwLock<ToolCatalog>,
+    /// What `describe` found, per tool: a call's facts are built once, not per call. Emptied
+    /// whenever the catalog learns or forgets, and when it grows past [`METAS_KEPT`].
+    metas: Mutex<HashMap<String, Arc<ToolMeta>>>,
     hide_blocked_tools: bool,
 }
+
+/// Most tools whose facts are kept (a host could name endless made-up tools).
+const METAS_KEPT: usize = 4096;
 
 impl Guard {
     pub fn new(config: Config) -> Guard {
@@ -237,11 +244,26 @@ impl Guard {
             hide_blocked_tools: config.hide_blocked_tools,
             policies: config.policies,
             catalog: RwLock::new(config.catalog),
+            metas: Mutex::new(HashMap::new()),
         }
     }
 
-    pub fn describe(&self, tool: &str) -> ToolMeta {
-        self.catalog().describe(tool)
+    pub fn describe(&self, tool: &str) -> Arc<ToolMeta> {
+        // Computed under the cache's lock, so a `learn` cannot be overtaken by a stale entry.
+        let mut metas = self.metas();
+        if let Some(meta) = metas.get(tool) {
+            return meta.clone();
+        }
+        let meta = Arc::new(self.catalog().describe(tool));
+        if metas.len() >= METAS_KEPT {
+            metas.clear();
+        }
+        metas.insert(tool.to_owned(), meta.clone());
+        meta
+    }
+
+    fn metas(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ToolMeta>>> {
+        self.metas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Local rules first; `riskDefaults` when none matches.
@@ -291,6 +313,7 @@ impl Guard {
         if let Ok(mut catalog) = self.catalog.write() {
             catalog.learn(tools);
         }
+        self.metas().clear();
     }
 
     /// Forgets learned annotations (`notifications/tools/list_changed`).
@@ -298,6 +321,7 @@ impl Guard {
         if let Ok(mut catalog) = self.catalog.write() {
             catalog.forget();
         }
+        self.metas().clear();
     }
 
     fn catalog(&self) -> std::sync::RwLockReadGuard<'_, ToolCatalog> {
@@ -374,6 +398,52 @@ mod tests {
         for (mode, decision, want) in table {
             assert_eq!(action(mode, decision), want, "{mode:?} × {decision:?}");
         }
+    }
+
+    fn guard(config: &str) -> Guard {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("apie.mcp.json");
+        std::fs::write(&path, config).unwrap();
+        let mut args = crate::cli::RunArgs::default();
+        args.source.config = Some(path);
+        Guard::new(crate::config::load(&args, &[("HOME", "/h")]).unwrap())
+    }
+
+    #[test]
+    fn learned_annotations_reach_calls_described_before() {
+        let g = guard(r#"{"agentKey":"a","upstream":{"command":"srv"}}"#);
+        assert_eq!(g.describe("tidy").risk, metadata::RiskLevel::Medium);
+        let listed: Vec<ListedTool> = serde_json::from_value(serde_json::json!([
+            {"name": "tidy", "annotations": {"destructiveHint": true}}
+        ]))
+        .unwrap();
+        g.learn(&listed);
+        assert_eq!(g.describe("tidy").risk, metadata::RiskLevel::High);
+        g.forget();
+        assert_eq!(g.describe("tidy").risk, metadata::RiskLevel::Medium);
+    }
+
+    #[test]
+    fn the_service_raises_a_local_rule_but_never_lowers_it() {
+        let g = guard(
+            r#"{"agentKey":"a","upstream":{"command":"srv"},"mode":"enforce","policies":[
+                {"name":"big","verbMatchers":[{"type":"verb","value":"refund"}],"action":{"type":"require_approval"}}]}"#,
+        );
+        let verdict = |d: &str| {
+            crate::remote::verdict::Verdict::parse(&serde_json::json!({"decision": d})).unwrap()
+        };
+        let mut e = g.evaluate("refund", &serde_json::json!({}));
+        assert!(e.needs_service());
+        e.take_verdict(verdict("allow"));
+        assert_eq!(e.action(Mode::Enforce), Action::AskApproval);
+        let mut e = g.evaluate("refund", &serde_json::json!({}));
+        e.take_verdict(verdict("block"));
+        assert_eq!(e.action(Mode::Enforce), Action::Block);
+        // No rule matched: the service decides alone.
+        let mut e = g.evaluate("echo", &serde_json::json!({}));
+        assert!(e.needs_service());
+        e.take_verdict(verdict("warn"));
+        assert_eq!(e.decision, Decision::Warn);
     }
 
     #[test]

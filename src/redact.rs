@@ -59,16 +59,7 @@ mod tests {
     use serde_json::json;
 
     fn defaults() -> Redactor {
-        let keys = [
-            "token",
-            "password",
-            "secret",
-            "api_key",
-            "apiKey",
-            "authorization",
-            "credential",
-        ];
-        Redactor::new(&keys.map(String::from))
+        Redactor::new(&crate::config::DEFAULT_REDACT_KEYS.map(String::from))
     }
 
     #[test]

@@ -63,6 +63,8 @@ async fn legacy_client_lists_and_calls_tools() {
         "big",
         "ask_roots",
         "ask_elicit",
+        "confirm",
+        "steps",
         "changed",
         "exit",
     ] {
@@ -166,7 +168,7 @@ async fn raw_session_legacy_round_trip() {
     assert!(
         listed["result"]["tools"]
             .as_array()
-            .is_some_and(|t| t.len() == 12)
+            .is_some_and(|t| t.len() == 14)
     );
 
     let echoed = s.call_tool(2, "echo", json!({"text": "raw"})).await;

@@ -3,6 +3,7 @@
 mod approvals;
 mod cli;
 mod direct;
+mod elicitation;
 mod guard_service;
 mod interop;
 mod proxy;

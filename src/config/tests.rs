@@ -397,3 +397,21 @@ fn durations_follow_the_documented_grammar() {
         assert_eq!(parse_duration(text), None, "{text}");
     }
 }
+
+#[test]
+fn the_api_key_comes_from_the_named_variable_and_an_empty_one_means_none() {
+    let json = format!("{{{MIN}}}");
+    let load = |env: &dyn Env| load_json(&json, &RunArgs::default(), env).unwrap();
+    let c = load(&[("APIE_API_KEY", "k1")]);
+    assert_eq!(c.guard.api_key, Some(ApiKey("k1".into())));
+    assert_eq!(format!("{:?}", c.guard.api_key), "Some(ApiKey([REDACTED]))");
+    assert_eq!(load(&[("APIE_API_KEY", "  ")]).guard.api_key, None);
+    let custom = with(r#""guard":{"apiKeyEnv":"MY_KEY"}"#);
+    let c = load_json(
+        &custom,
+        &RunArgs::default(),
+        &[("APIE_API_KEY", "no"), ("MY_KEY", "yes")],
+    )
+    .unwrap();
+    assert_eq!(c.guard.api_key, Some(ApiKey("yes".into())));
+}

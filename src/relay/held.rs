@@ -771,3 +771,62 @@ pub(super) fn carry_grant(
     result["requestState"] = Value::String(sealed);
     Some(jsonrpc::result_response(id, &result).into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(inner_state: Option<&str>, inner_responses: Option<Value>) -> Grant {
+        Grant {
+            tool: "deploy".into(),
+            arguments_sha256: "abc".into(),
+            expires_ms: u64::MAX,
+            nonce: "apr_1".into(),
+            approved: false,
+            inner_state: inner_state.map(str::to_string),
+            inner_responses: inner_responses.and_then(|v| v.as_object().cloned()),
+        }
+    }
+
+    fn stripped(line: Value, grant: &Grant) -> Value {
+        let raw = strip(line.to_string().as_bytes(), grant).expect("strips");
+        serde_json::from_slice(&raw).unwrap()
+    }
+
+    #[test]
+    fn the_retry_loses_only_what_the_proxy_added() {
+        let line = json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+            "name": "deploy", "arguments": {"a": 1},
+            "inputResponses": {"apie/approval": {"action": "accept", "content": {"approve": true}}},
+            "requestState": "apie1.x.y",
+            "_meta": {"progressToken": 3},
+        }});
+        assert_eq!(
+            stripped(line, &grant(None, None)),
+            json!({"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": {
+                "name": "deploy", "arguments": {"a": 1}, "_meta": {"progressToken": 3},
+            }})
+        );
+    }
+
+    #[test]
+    fn the_upstreams_own_state_and_answers_are_put_back() {
+        let line = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call", "params": {
+            "name": "deploy", "arguments": {},
+            "inputResponses": {"apie/approval": {"action": "accept", "content": {"approve": true}}},
+            "requestState": "apie1.x.y",
+        }});
+        let g = grant(
+            Some("upstream-state"),
+            Some(json!({"confirm": {"action": "accept", "content": {"ok": true}}})),
+        );
+        assert_eq!(
+            stripped(line, &g)["params"],
+            json!({
+                "name": "deploy", "arguments": {},
+                "inputResponses": {"confirm": {"action": "accept", "content": {"ok": true}}},
+                "requestState": "upstream-state",
+            })
+        );
+    }
+}
