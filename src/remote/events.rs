@@ -98,19 +98,19 @@ impl Events {
 
 async fn send_loop(inner: Arc<Inner>, endpoint: Endpoint) {
     loop {
-        let closing = inner.closing.load(Ordering::Acquire);
-        if !closing {
+        if !inner.closing.load(Ordering::Acquire) {
             tokio::select! {
                 _ = tokio::time::sleep(FLUSH_EVERY) => {}
                 _ = inner.wake.notified() => {}
             }
         }
+        let closing = inner.closing.load(Ordering::Acquire);
         loop {
             let batch = inner.take_batch();
             if batch.is_empty() {
                 break;
             }
-            send(&endpoint, batch).await;
+            send(&endpoint, batch, &inner.closing).await;
         }
         let dropped = inner.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
@@ -122,14 +122,16 @@ async fn send_loop(inner: Arc<Inner>, endpoint: Endpoint) {
     }
 }
 
-async fn send(endpoint: &Endpoint, events: Vec<Value>) {
+/// Sends one batch, retrying with backoff; at shutdown once only, so a service that is down
+/// does not hold the exit back.
+async fn send(endpoint: &Endpoint, events: Vec<Value>, closing: &AtomicBool) {
     let count = events.len();
     let body = json!({ "events": events });
     let mut delay = RETRY_BASE;
     for attempt in 0..=RETRIES {
         match endpoint.post("/v1/events", &body, endpoint.timeout).await {
             Ok(_) => return,
-            Err(e) if attempt == RETRIES => {
+            Err(e) if attempt == RETRIES || closing.load(Ordering::Acquire) => {
                 tracing::warn!(error = %e, events = count, "events dropped");
             }
             Err(e) => {
