@@ -39,6 +39,19 @@ pub fn warnings(config: &Config) -> Vec<String> {
                 .into(),
         );
     }
+    if config.mode == Mode::Enforce
+        && config.guard.api_key.is_none()
+        && config
+            .approval_channels
+            .iter()
+            .all(|c| *c == config::ApprovalChannel::Guard)
+    {
+        out.push(format!(
+            "approvals.channels has only \"guard\" but no guard service is used (${} is not \
+             set): every call that needs approval will be refused",
+            config.guard.api_key_env
+        ));
+    }
     if config.hide_blocked_tools && config.mode != Mode::Enforce {
         out.push(format!(
             "hideBlockedTools has no effect in {} mode (nothing is blocked)",
@@ -201,4 +214,31 @@ pub fn report(config: &Config) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(json: &str, env: &dyn config::Env) -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("apie.mcp.json");
+        std::fs::write(&path, json).unwrap();
+        let mut args = RunArgs::default();
+        args.source.config = Some(path);
+        config::load(&args, env).unwrap()
+    }
+
+    #[test]
+    fn a_guard_only_approval_channel_without_a_service_is_flagged() {
+        let json = r#"{"agentKey":"a","upstream":{"command":"srv"},"mode":"enforce",
+            "approvals":{"channels":["guard"]}}"#;
+        let flagged = |env: &dyn config::Env| {
+            warnings(&load(json, env))
+                .iter()
+                .any(|w| w.contains("only \"guard\""))
+        };
+        assert!(flagged(&[("HOME", "/h")]));
+        assert!(!flagged(&[("HOME", "/h"), ("APIE_API_KEY", "k")]));
+    }
 }
