@@ -12,7 +12,6 @@
 //! `EXAMPLE_SERVER_PARAMS_LOG` (the whole `params`, so `inputResponses` and `requestState`).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequestParams, CallToolResult, ErrorData};
@@ -20,11 +19,9 @@ use rmcp::service::ServiceError;
 use serde_json::{Value, json};
 
 use crate::util::{
-    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, RawSession, TestClient, connect,
-    modern_meta_with, notification, proxy_bin, request, result_text,
+    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, RawSession, TestClient, connect, finish,
+    modern_meta_with, notification, request, result_text,
 };
-
-const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 
 /// The input request key of the proxy's own approval question (2026-07-28).
 const APPROVAL_KEY: &str = "apie/approval";
@@ -76,15 +73,6 @@ fn policies(held: &[&str]) -> Value {
 // Fixture
 // ---------------------------------------------------------------------------
 
-/// What a run of `apie-mcp approvals …` printed, and how it exited.
-#[derive(Debug)]
-struct Answered {
-    code: Option<i32>,
-    stdout: String,
-    #[allow(dead_code, reason = "shown by the assertion messages' Debug output")]
-    stderr: String,
-}
-
 /// One test's directory: config, audit log, the example server's logs and the proxy's state
 /// directory (the local approval queue).
 struct Fixture {
@@ -103,10 +91,6 @@ impl Fixture {
         Fixture {
             scratch: util::Scratch::new(),
         }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("state")
     }
 
     fn params_log(&self) -> PathBuf {
@@ -156,112 +140,8 @@ impl Fixture {
 
     /// `apie-mcp --config <config>` over raw lines, no handshake yet.
     fn raw(&self, config: &Path) -> RawSession {
-        RawSession::builder(proxy_bin())
-            .arg("--config")
-            .arg(config)
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path())
-            .spawn()
+        self.proxy_builder(config).spawn()
     }
-
-    /// `apie-mcp --config <config>` as a command for an rmcp host.
-    fn command(&self, config: &Path) -> tokio::process::Command {
-        let mut command = util::proxy_command(["--config".as_ref(), config.as_os_str()]);
-        command
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path());
-        command
-    }
-
-    /// `apie-mcp approvals args…`: a second process sharing the proxy's state directory.
-    async fn approvals(&self, args: &[&str]) -> Answered {
-        let run = tokio::process::Command::new(proxy_bin())
-            .arg("approvals")
-            .args(args)
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env_remove("APIE_MCP_CONFIG")
-            .env_remove("APIE_API_KEY")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, run)
-            .await
-            .unwrap_or_else(|_| panic!("`apie-mcp approvals {args:?}` still running"))
-            .expect("run apie-mcp approvals");
-        Answered {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// The ids `approvals list` shows.
-    async fn listed(&self) -> Vec<String> {
-        let listed = self.approvals(&["list"]).await;
-        assert_eq!(listed.code, Some(0), "approvals list: {listed:?}");
-        listed
-            .stdout
-            .lines()
-            .filter(|line| line.starts_with("apr_"))
-            .filter_map(|line| line.split_whitespace().next())
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Waits (bounded) until `approvals list` shows exactly one held call; returns its id.
-    async fn held_locally(&self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let ids = self.listed().await;
-            if let [one] = ids.as_slice() {
-                return one.clone();
-            }
-            assert!(
-                ids.len() < 2 && Instant::now() < deadline,
-                "expected one call in the local queue, `approvals list` shows {ids:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// `approvals approve ID`, asserted to succeed.
-    async fn approve_locally(&self, id: &str) {
-        let answered = self.approvals(&["approve", id]).await;
-        assert_eq!(
-            answered.code,
-            Some(0),
-            "approvals approve {id}: {answered:?}"
-        );
-    }
-
-    /// The audit line of the call with host id `id`, waiting (bounded) for it to be written.
-    async fn audit_of(&self, id: impl Into<Value>) -> Value {
-        let id = id.into();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let lines = self.audit();
-            let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
-            match mine.as_slice() {
-                [one] => return (*one).clone(),
-                [] if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => panic!("expected one audit line for request {id}, got {other:?}"),
-            }
-        }
-    }
-}
-
-/// Closes the host's stdin and waits (bounded) for the proxy to exit.
-async fn finish(mut proxy: RawSession) -> ExitStatus {
-    proxy.close_stdin();
-    proxy.wait_exit(WAIT).await
 }
 
 // ---------------------------------------------------------------------------
@@ -487,7 +367,7 @@ async fn legacy_host_approves_in_the_host_and_the_call_is_forwarded() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
 
@@ -557,7 +437,7 @@ async fn legacy_host_refuses(answer: ElicitAnswer, status: &str) {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(answer);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
 
@@ -628,19 +508,19 @@ async fn host_without_elicitation_falls_to_the_local_queue() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
 
     let (deployed, ()) = tokio::join!(
         client.call_tool(call_params("deploy_service", prod())),
         async {
-            let id = fx.held_locally().await;
+            let (ids, _) = fx.held(1, &client).await;
             assert!(
                 fx.server_tools().is_empty(),
                 "forwarded before the human answered"
             );
-            fx.approve_locally(&id).await;
+            fx.answer(&["approve", &ids[0]]).await;
         }
     );
     let deployed = deployed.expect("approved from the local queue");
@@ -662,7 +542,7 @@ async fn host_without_elicitation_and_no_other_channel_is_refused_at_once() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
 
@@ -839,7 +719,7 @@ async fn elicitation_error_reply_falls_to_the_next_channel() {
         .await;
 
     // Not an answer from a human: the call waits in the local queue now.
-    let id = fx.held_locally().await;
+    let (ids, _) = fx.held(1, &proxy).await;
     assert!(
         proxy
             .try_recv_line(Duration::from_millis(200))
@@ -848,7 +728,7 @@ async fn elicitation_error_reply_falls_to_the_next_channel() {
         "the host heard back before the local approval"
     );
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
-    fx.approve_locally(&id).await;
+    fx.answer(&["approve", &ids[0]]).await;
     let response = proxy.recv_until_id(1).await;
     assert_eq!(
         result_text(&response),
@@ -1105,7 +985,7 @@ async fn rmcp_host_sees_its_hanging_elicitation_cancelled_on_timeout() {
     let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 300}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Hang);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
     let refused = mcp_error(
@@ -1573,7 +1453,7 @@ async fn modern_call_without_elicitation_falls_to_the_local_queue() {
     proxy
         .send(&mcall("m", "deploy_service", prod(), json!({}), json!({})))
         .await;
-    let id = fx.held_locally().await;
+    let (ids, _) = fx.held(1, &proxy).await;
     assert!(
         proxy
             .try_recv_line(Duration::from_millis(200))
@@ -1581,7 +1461,7 @@ async fn modern_call_without_elicitation_falls_to_the_local_queue() {
             .is_none(),
         "the host was answered while the call waits in the local queue"
     );
-    fx.approve_locally(&id).await;
+    fx.answer(&["approve", &ids[0]]).await;
     let response = proxy.recv_until_id("m").await;
     assert_eq!(
         result_text(&response),
@@ -1640,7 +1520,7 @@ async fn rmcp_modern_host_drives_the_approval_round_itself() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Modern)
+    let client = connect(host, fx.proxy_command(&config), Era::Modern)
         .await
         .expect("connect through the proxy (2026-07-28)");
     let deployed = client
@@ -1661,7 +1541,7 @@ async fn rmcp_modern_host_declining_gets_the_refusal() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
-    let client = connect(host, fx.command(&config), Era::Modern)
+    let client = connect(host, fx.proxy_command(&config), Era::Modern)
         .await
         .expect("connect through the proxy (2026-07-28)");
     let refused = mcp_error(
@@ -1759,7 +1639,7 @@ async fn upstream_input_required_behind_the_proxys_approval_completes() {
     let host =
         TestClient::new().with_elicit(ElicitAnswer::Accept(json!({"approve": true, "ok": true})));
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Modern)
+    let client = connect(host, fx.proxy_command(&config), Era::Modern)
         .await
         .expect("connect through the proxy (2026-07-28)");
     let confirmed = client
@@ -1896,7 +1776,7 @@ async fn default_channels_without_a_guard_service_ask_the_host() {
     let config = fx.config(&[], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
     let deployed = client
@@ -1905,7 +1785,8 @@ async fn default_channels_without_a_guard_service_ask_the_host() {
         .expect("approved in the host");
     assert_eq!(first_text(&deployed), "deployed api to production");
     assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
-    assert!(fx.listed().await.is_empty(), "the local queue was used too");
+    let (queued, listing) = fx.list().await;
+    assert!(queued.is_empty(), "the local queue was used too: {listing}");
     client.close().await;
     assert_eq!(fx.server_tools(), ["deploy_service"]);
 }
@@ -1916,7 +1797,7 @@ async fn monitor_mode_never_asks_the_host() {
     let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
     let deployed = client
@@ -2114,7 +1995,7 @@ async fn elicitation_error_reply_with_no_other_channel_is_refused() {
         message: "Method not found".to_owned(),
     });
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
+    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
         .await
         .expect("connect through the proxy");
     let refused = mcp_error(

@@ -13,7 +13,6 @@
 //! (held for a human).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -21,7 +20,7 @@ use serde_json::{Value, json};
 use crate::util::apie::{
     self, ApieServer, EVALUATE, EVENTS, IDENTIFY, Reply, approval_path, cancel_path, wait_path,
 };
-use crate::util::{self, RawSession, is_response, proxy_bin, result_text, sorted_sha256};
+use crate::util::{self, RawSession, finish, is_response, result_text, sorted_sha256};
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 /// The API key the proxies get in `APIE_API_KEY`.
@@ -85,10 +84,6 @@ impl Fixture {
         }
     }
 
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("state")
-    }
-
     /// An enforce-mode config in front of the example server (logging its calls), auditing to
     /// the scratch directory, with the guard service at this fixture's fake (2 s request
     /// timeout, a circuit breaker that does not trip unless a test says so); `extra` is merged
@@ -118,24 +113,10 @@ impl Fixture {
         util::write_config(self.path(), config)
     }
 
-    /// `apie-mcp --config <config>` in the scratch directory with its own state directory, no
-    /// `APIE_API_KEY` and no `APIE_MCP_CONFIG` (add the key with `.env`).
-    fn builder(&self, config: &Path) -> util::SessionBuilder {
-        RawSession::builder(proxy_bin())
-            .arg("--config")
-            .arg(config)
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_BASE_URL")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path())
-    }
-
     /// A proxy with [`KEY`] through the legacy handshake (no client capabilities).
     async fn start_with(&self, config: &Path, args: &[&str]) -> RawSession {
         let mut proxy = self
-            .builder(config)
+            .proxy_builder(config)
             .args(args)
             .env("APIE_API_KEY", KEY)
             .spawn();
@@ -149,23 +130,6 @@ impl Fixture {
         self.start_with(&config, &[]).await
     }
 
-    /// Waits (bounded) for the one audit line of the call with host id `id`.
-    async fn audit_of(&self, id: impl Into<Value>) -> Value {
-        let id = id.into();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let lines = self.audit();
-            let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
-            match mine.as_slice() {
-                [one] => return (*one).clone(),
-                [] if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                other => panic!("expected one audit line for request {id}, got {other:?}"),
-            }
-        }
-    }
-
     /// The evaluate request bodies received so far.
     fn evaluations(&self) -> Vec<Value> {
         self.apie
@@ -174,57 +138,6 @@ impl Fixture {
             .map(apie::Recorded::json)
             .collect()
     }
-
-    /// `apie-mcp approvals args…` sharing the proxy's state directory: (exit code, stdout).
-    async fn approvals_cli(&self, args: &[&str]) -> (Option<i32>, String) {
-        let run = tokio::process::Command::new(proxy_bin())
-            .arg("approvals")
-            .args(args)
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env_remove("APIE_MCP_CONFIG")
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_BASE_URL")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, run)
-            .await
-            .expect("apie-mcp approvals finished")
-            .expect("run apie-mcp approvals");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// Waits (bounded) until `approvals list` shows one held call; returns its id.
-    async fn held_locally(&self, proxy: &RawSession) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (code, stdout) = self.approvals_cli(&["list"]).await;
-            assert_eq!(code, Some(0), "approvals list: {stdout}");
-            let ids: Vec<&str> = stdout
-                .lines()
-                .filter(|l| l.starts_with("apr_"))
-                .filter_map(|l| l.split_whitespace().next())
-                .collect();
-            if let [id] = ids.as_slice() {
-                return (*id).to_owned();
-            }
-            assert!(
-                ids.is_empty() && Instant::now() < deadline,
-                "expected one locally held call, `approvals list` says:\n{stdout}\n--- proxy stderr ---\n{}",
-                proxy.stderr_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-/// Closes the host's stdin and waits (bounded) for the proxy to exit.
-async fn finish(mut proxy: RawSession) -> ExitStatus {
-    proxy.close_stdin();
-    proxy.wait_exit(WAIT).await
 }
 
 /// How many stderr lines of the proxy say "configuration error".
@@ -414,7 +327,7 @@ async fn a_custom_api_key_env_names_the_key() {
     let fx = Fixture::new().await;
     let config = fx.config(json!({"mode": "monitor", "guard": {"apiKeyEnv": "ACME_APIE_TOKEN"}}));
     let mut proxy = fx
-        .builder(&config)
+        .proxy_builder(&config)
         .env("ACME_APIE_TOKEN", "sk_custom_1")
         .env("APIE_API_KEY", "sk_not_this_one")
         .spawn();
@@ -471,7 +384,7 @@ async fn without_a_key_the_service_is_never_used() {
     ];
     for (i, (case, key, extra)) in cases.into_iter().enumerate() {
         let config = fx.config(extra);
-        let mut builder = fx.builder(&config);
+        let mut builder = fx.proxy_builder(&config);
         if let Some(key) = key {
             builder = builder.env("APIE_API_KEY", key);
         }
@@ -519,7 +432,7 @@ async fn apie_base_url_is_used_when_the_config_has_none() {
     fx.apie.set_evaluate_default(Reply::decision("block"));
     let config = fx.config(json!({"guard": {"baseUrl": null}}));
     let mut proxy = fx
-        .builder(&config)
+        .proxy_builder(&config)
         .env("APIE_API_KEY", KEY)
         // A trailing slash is harmless.
         .env("APIE_BASE_URL", format!("{}/", fx.apie.url()))
@@ -2168,9 +2081,9 @@ async fn require_approval_without_an_id_falls_through_to_the_local_channel() {
     proxy
         .send(&util::legacy_call("l1", "deploy_service", prod()))
         .await;
-    let approval = fx.held_locally(&proxy).await;
-    let (code, stdout) = fx.approvals_cli(&["approve", &approval]).await;
-    assert_eq!(code, Some(0), "{stdout}");
+    let (held, _) = fx.held(1, &proxy).await;
+    let approval = &held[0];
+    fx.answer(&["approve", approval]).await;
     let response = proxy.recv_until_id("l1").await;
     assert_eq!(
         result_text(&response),
@@ -2307,7 +2220,7 @@ async fn upstream_progress_after_a_held_call_keeps_increasing() {
     let fx = Fixture::new().await;
     let (listener, upstream) = ScriptedUpstream::listen().await;
     let config = fx.config(guard_channel(json!({"upstream": upstream})));
-    let mut proxy = fx.builder(&config).env("APIE_API_KEY", KEY).spawn();
+    let mut proxy = fx.proxy_builder(&config).env("APIE_API_KEY", KEY).spawn();
     let mut server = ScriptedUpstream::accept(listener).await;
 
     // The handshake, through the proxy.
