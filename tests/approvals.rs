@@ -121,21 +121,12 @@ async fn hold(fx: &Fixture, proxy: &mut RawSession, id: impl Into<Value>) -> Str
     ids.into_iter().next().expect("one held call")
 }
 
-/// Asserts `response` is the -32002 refusal of a held call, with `kind` and `status`; returns
-/// its `error.data`.
+/// Asserts `response` is the -32002 refusal of the held `deploy_service` call, with `kind` and
+/// `status` ([`util::assert_not_approved`]); returns its `error.data`.
 fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
+    let data = util::assert_not_approved(response, kind, status);
     assert_eq!(data["tool"], "deploy_service", "{response}");
-    data.clone()
+    data
 }
 
 // ---------------------------------------------------------------------------

@@ -276,19 +276,11 @@ fn assert_question_params(params: &Value, tool: &str) {
     assert_eq!(schema["required"], json!(["approve"]), "{params}");
 }
 
-/// Asserts `response` is the -32002 refusal of a held call with `kind` and `status`; returns
-/// its `error.data`.
+/// Asserts `response` is the -32002 refusal of a held call to `tool` with `kind` and `status`
+/// ([`util::assert_not_approved`]), naming its approval id, reason and rule; returns its
+/// `error.data`.
 fn assert_not_approved(response: &Value, tool: &str, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
+    let data = util::assert_not_approved(response, kind, status);
     assert_eq!(data["tool"], tool, "{response}");
     for key in ["approval_id", "reason", "rule"] {
         assert!(
@@ -296,7 +288,7 @@ fn assert_not_approved(response: &Value, tool: &str, kind: &str, status: &str) -
             "error data lacks {key}: {response}"
         );
     }
-    data.clone()
+    data
 }
 
 /// Asserts `response` answers a 2026-07-28 call with the proxy's `input_required` result about

@@ -20,7 +20,9 @@ use serde_json::{Value, json};
 use crate::util::apie::{
     self, ApieServer, EVALUATE, EVENTS, IDENTIFY, Reply, approval_path, cancel_path, wait_path,
 };
-use crate::util::{self, RawSession, finish, is_response, result_text, sorted_sha256};
+use crate::util::{
+    self, RawSession, assert_not_approved, finish, is_response, result_text, sorted_sha256,
+};
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 /// The API key the proxies get in `APIE_API_KEY`.
@@ -198,21 +200,6 @@ fn assert_blocked(response: &Value, tool: &str) -> Value {
     let data = &error["data"];
     assert_eq!(data["kind"], "guard_blocked", "{response}");
     assert_eq!(data["tool"], tool, "{response}");
-    data.clone()
-}
-
-/// Asserts the -32002 refusal with `kind` and `status`; returns `error.data`.
-fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
     data.clone()
 }
 

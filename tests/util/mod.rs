@@ -180,6 +180,22 @@ pub fn result_text(response: &Value) -> String {
         .collect()
 }
 
+/// Asserts `response` is the -32002 refusal of a held call (`Action not approved: <status>`)
+/// with `data.kind` and `data.status`; returns its `error.data` for the checks a suite adds.
+pub fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
+    let error = &response["error"];
+    assert_eq!(error["code"], -32002, "{response}");
+    assert_eq!(
+        error["message"],
+        format!("Action not approved: {status}"),
+        "{response}"
+    );
+    let data = &error["data"];
+    assert_eq!(data["kind"], kind, "{response}");
+    assert_eq!(data["status"], status, "{response}");
+    data.clone()
+}
+
 /// Whether a `tools/call` response is a result with `isError: true`.
 pub fn is_tool_error(response: &Value) -> bool {
     response["result"]["isError"] == json!(true)
