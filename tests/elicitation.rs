@@ -14,13 +14,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use rmcp::model::{CallToolRequestParams, CallToolResult, ErrorData};
+use rmcp::model::{CallToolRequestParams, CallToolResult};
 use rmcp::service::ServiceError;
 use serde_json::{Value, json};
 
 use crate::util::{
-    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, RawSession, TestClient, connect, finish,
-    modern_meta_with, notification, request, result_text,
+    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, McpClient, RawSession, TestClient, connect,
+    finish, modern_meta_with, notification, request, result_text,
 };
 
 /// The input request key of the proxy's own approval question (2026-07-28).
@@ -142,6 +142,20 @@ impl Fixture {
     fn raw(&self, config: &Path) -> RawSession {
         self.proxy_builder(config).spawn()
     }
+
+    /// [`Self::raw`] through the legacy handshake (2025-11-25) of a host declaring elicitation.
+    async fn raw_eliciting(&self, config: &Path) -> RawSession {
+        let mut proxy = self.raw(config);
+        handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+        proxy
+    }
+
+    /// `host` as an rmcp client of `apie-mcp --config <config>` in `era`.
+    async fn connect(&self, host: TestClient, config: &Path, era: Era) -> McpClient {
+        connect(host, self.proxy_command(config), era)
+            .await
+            .unwrap_or_else(|e| panic!("connect through the proxy ({era:?}): {e}"))
+    }
 }
 
 // ---------------------------------------------------------------------------
@@ -251,6 +265,22 @@ fn assert_approval_question(message: &Value, tool: &str) -> Value {
     params
 }
 
+/// Sends a legacy `deploy_service` call with `arguments` and returns the proxy's approval
+/// question about it, checked by [`assert_approval_question`]; other messages go to `others`.
+async fn ask_legacy(
+    proxy: &mut RawSession,
+    id: impl Into<Value>,
+    arguments: Value,
+    others: &mut Vec<Value>,
+) -> Value {
+    proxy
+        .send(&util::legacy_call(id, "deploy_service", arguments))
+        .await;
+    let question = next_request(proxy, "elicitation/create", others).await;
+    assert_approval_question(&question, "deploy_service");
+    question
+}
+
 /// The checks shared by both eras' approval questions (legacy `elicitation/create` params and
 /// the 2026-07-28 input request's params).
 fn assert_question_params(params: &Value, tool: &str) {
@@ -335,18 +365,19 @@ fn first_text(result: &CallToolResult) -> String {
         .unwrap_or_else(|| panic!("no text block in {result:?}"))
 }
 
-/// The JSON-RPC error of an rmcp call that must have failed with one.
-fn mcp_error(result: Result<CallToolResult, ServiceError>) -> ErrorData {
-    match result {
+/// Calls `deploy_service` with [`prod`] through an rmcp host; the JSON-RPC error it must fail
+/// with, as the response a raw host would have seen, is the refusal with `kind` and `status`
+/// ([`assert_not_approved`]). Returns its `error.data`.
+async fn deploy_refused(client: &McpClient, kind: &str, status: &str) -> Value {
+    let error = match client
+        .call_tool(call_params("deploy_service", prod()))
+        .await
+    {
         Err(ServiceError::McpError(error)) => error,
         other => panic!("expected a JSON-RPC error, got {other:?}"),
-    }
-}
-
-/// An rmcp error as the JSON-RPC response a raw host would have seen (for
-/// [`assert_not_approved`]).
-fn as_response(error: &ErrorData) -> Value {
-    json!({"error": serde_json::to_value(error).expect("error serializes")})
+    };
+    let response = json!({"error": serde_json::to_value(&error).expect("error serializes")});
+    assert_not_approved(&response, "deploy_service", kind, status)
 }
 
 // ---------------------------------------------------------------------------
@@ -359,9 +390,7 @@ async fn legacy_host_approves_in_the_host_and_the_call_is_forwarded() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let deployed = client
         .call_tool(call_params("deploy_service", prod_with_secrets()))
@@ -429,21 +458,9 @@ async fn legacy_host_refuses(answer: ElicitAnswer, status: &str) {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(answer);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        status,
-    );
+    let data = deploy_refused(&client, "approval_denied", status).await;
     assert_eq!(data["rule"], RULE, "{data}");
     assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
 
@@ -500,9 +517,7 @@ async fn host_without_elicitation_falls_to_the_local_queue() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let (deployed, ()) = tokio::join!(
         client.call_tool(call_params("deploy_service", prod())),
@@ -534,23 +549,11 @@ async fn host_without_elicitation_and_no_other_channel_is_refused_at_once() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let started = Instant::now();
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
+    let data = deploy_refused(&client, "approval_denied", "rejected").await;
     let took = started.elapsed();
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
     let reason = data["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("no approval channel is available"),
@@ -570,15 +573,11 @@ async fn host_without_elicitation_and_no_other_channel_is_refused_at_once() {
 async fn raw_host_sees_a_form_elicitation_with_redacted_arguments() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(1, "deploy_service", prod_with_secrets()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    let params = assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 1, prod_with_secrets(), &mut others).await;
+    let params = &question["params"];
     // 2025-11-25 was negotiated and `{}` means form: the request says so.
     assert_eq!(params["mode"], "form", "{question}");
     let raw = question.to_string();
@@ -617,12 +616,9 @@ async fn protocol_2025_06_18_elicitation_has_no_mode() {
     let init = handshake(&mut proxy, "2025-06-18", json!({"elicitation": {}}), true).await;
     assert_eq!(init["protocolVersion"], "2025-06-18", "{init}");
 
-    proxy
-        .send(&util::legacy_call("d", "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    let params = assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, "d", prod(), &mut others).await;
+    let params = &question["params"];
     assert!(
         params.get("mode").is_none(),
         "2025-06-18 has no elicitation modes: {question}"
@@ -692,15 +688,10 @@ async fn no_elicitation_before_notifications_initialized() {
 async fn elicitation_error_reply_falls_to_the_next_channel() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation", "local"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(1, "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 1, prod(), &mut others).await;
     // A host that declared elicitation but cannot actually do it.
     proxy
         .send(&json!({
@@ -867,15 +858,10 @@ async fn proxy_and_upstream_requests_to_the_host_never_collide() {
 async fn host_cancel_of_a_held_call_cancels_the_elicitation() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(5, "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 5, prod(), &mut others).await;
     proxy
         .send(&notification(
             "notifications/cancelled",
@@ -932,16 +918,11 @@ async fn next_cancelled(proxy: &mut RawSession, others: &mut Vec<Value>) -> Valu
 async fn unanswered_elicitation_times_out_and_is_cancelled_at_the_host() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 300}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
     let sent = Instant::now();
-    proxy
-        .send(&util::legacy_call("late", "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, "late", prod(), &mut others).await;
     // Nobody answers.
     let response = proxy.recv_until_id("late").await;
     let waited = sent.elapsed();
@@ -977,20 +958,8 @@ async fn rmcp_host_sees_its_hanging_elicitation_cancelled_on_timeout() {
     let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 300}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Hang);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_timeout",
-        "timeout",
-    );
+    let client = fx.connect(host, &config, Era::Legacy).await;
+    deploy_refused(&client, "approval_timeout", "timeout").await;
     // rmcp ends the handler's wait when the proxy's notifications/cancelled arrives.
     let deadline = Instant::now() + Duration::from_secs(2);
     while log.elicitations_cancelled() == 0 && Instant::now() < deadline {
@@ -1009,8 +978,7 @@ async fn rmcp_host_sees_its_hanging_elicitation_cancelled_on_timeout() {
 async fn held_call_with_a_progress_token_gets_increasing_progress() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
     proxy
         .send(&request(
@@ -1512,9 +1480,7 @@ async fn rmcp_modern_host_drives_the_approval_round_itself() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
+    let client = fx.connect(host, &config, Era::Modern).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
@@ -1533,20 +1499,8 @@ async fn rmcp_modern_host_declining_gets_the_refusal() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
-    let client = connect(host, fx.proxy_command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
+    let client = fx.connect(host, &config, Era::Modern).await;
+    deploy_refused(&client, "approval_denied", "rejected").await;
     client.close().await;
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
 }
@@ -1554,6 +1508,45 @@ async fn rmcp_modern_host_declining_gets_the_refusal() {
 // ---------------------------------------------------------------------------
 // 2026-07-28: an upstream with input_required rounds of its own
 // ---------------------------------------------------------------------------
+
+/// Asserts `response` is the example server's own `input_required` answer to `confirm` with
+/// `{"text": "x"}` (its one question, `Confirm x?`); returns its `requestState`.
+fn assert_upstream_question(response: &Value) -> String {
+    let result = &response["result"];
+    assert_eq!(result["resultType"], "input_required", "{response}");
+    let requests = result["inputRequests"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no inputRequests: {response}"));
+    assert_eq!(
+        requests.keys().collect::<Vec<_>>(),
+        [CONFIRM_KEY],
+        "{response}"
+    );
+    assert_eq!(
+        requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
+        "{response}"
+    );
+    result["requestState"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no requestState: {response}"))
+        .to_owned()
+}
+
+/// Asserts the upstream received two calls, the second being the retry of its own round: its
+/// own `requestState`, and the host's `answer` as the only `inputResponses`.
+fn assert_upstream_got_its_round(fx: &Fixture, answer: &Value) {
+    let received = fx.server_params();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_eq!(
+        received[1]["requestState"], "example-state.x",
+        "{received:?}"
+    );
+    assert_eq!(
+        received[1]["inputResponses"],
+        json!({CONFIRM_KEY: answer}),
+        "{received:?}"
+    );
+}
 
 #[tokio::test]
 async fn upstream_input_required_passes_through_untouched() {
@@ -1571,21 +1564,8 @@ async fn upstream_input_required_passes_through_untouched() {
         ))
         .await;
     let first = proxy.recv_until_id("c1").await;
-    let result = &first["result"];
-    assert_eq!(result["resultType"], "input_required", "{first}");
-    let requests = result["inputRequests"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no inputRequests: {first}"));
-    assert_eq!(
-        requests.keys().collect::<Vec<_>>(),
-        [CONFIRM_KEY],
-        "{first}"
-    );
-    assert_eq!(
-        requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
-        "{first}"
-    );
-    assert_eq!(result["requestState"], "example-state.x", "{first}");
+    let state = assert_upstream_question(&first);
+    assert_eq!(state, "example-state.x", "{first}");
 
     let answer = json!({"action": "accept", "content": {"ok": true}});
     proxy
@@ -1601,17 +1581,7 @@ async fn upstream_input_required_passes_through_untouched() {
     assert_eq!(result_text(&second), "confirmed x", "{second}");
     assert_eq!(finish(proxy).await.code(), Some(0));
 
-    let received = fx.server_params();
-    assert_eq!(received.len(), 2, "{received:?}");
-    assert_eq!(
-        received[1]["requestState"], "example-state.x",
-        "{received:?}"
-    );
-    assert_eq!(
-        received[1]["inputResponses"],
-        json!({CONFIRM_KEY: answer}),
-        "{received:?}"
-    );
+    assert_upstream_got_its_round(&fx, &answer);
     let audit = fx.audit();
     assert!(
         audit.iter().all(|l| l["outcome"] == "forwarded"),
@@ -1631,9 +1601,7 @@ async fn upstream_input_required_behind_the_proxys_approval_completes() {
     let host =
         TestClient::new().with_elicit(ElicitAnswer::Accept(json!({"approve": true, "ok": true})));
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
+    let client = fx.connect(host, &config, Era::Modern).await;
     let confirmed = client
         .call_tool(call_params("confirm", json!({"text": "x"})))
         .await
@@ -1666,8 +1634,7 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
         &["elicitation"],
         json!({"policies": policies(&["deploy_service"])}),
     );
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
     proxy
         .send(&request(
             7,
@@ -1717,8 +1684,7 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
 async fn two_held_calls_get_their_own_questions_and_answers() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
     let mut others = Vec::new();
 
     proxy
@@ -1768,9 +1734,7 @@ async fn default_channels_without_a_guard_service_ask_the_host() {
     let config = fx.config(&[], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
@@ -1789,9 +1753,7 @@ async fn monitor_mode_never_asks_the_host() {
     let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
@@ -1833,8 +1795,7 @@ async fn modern_monitor_mode_never_answers_input_required() {
 async fn a_call_waiting_on_the_host_counts_toward_max_pending_calls() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"maxPendingCalls": 1}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
     let mut others = Vec::new();
 
     proxy
@@ -1900,24 +1861,7 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
     )
     .await;
     // The upstream's own question reaches the host as it asked it.
-    let result = &second["result"];
-    assert_eq!(result["resultType"], "input_required", "{second}");
-    let requests = result["inputRequests"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no inputRequests: {second}"));
-    assert_eq!(
-        requests.keys().collect::<Vec<_>>(),
-        [CONFIRM_KEY],
-        "{second}"
-    );
-    assert_eq!(
-        requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
-        "{second}"
-    );
-    let upstream_state = result["requestState"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no requestState: {second}"))
-        .to_owned();
+    let upstream_state = assert_upstream_question(&second);
 
     let answer = json!({"action": "accept", "content": {"ok": true}});
     let final_retry = |id: &str| {
@@ -1932,17 +1876,7 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
     proxy.send(&final_retry("c3")).await;
     let third = proxy.recv_until_id("c3").await;
     assert_eq!(result_text(&third), "confirmed x", "{third}");
-    let received = fx.server_params();
-    assert_eq!(received.len(), 2, "{received:?}");
-    assert_eq!(
-        received[1]["requestState"], "example-state.x",
-        "{received:?}"
-    );
-    assert_eq!(
-        received[1]["inputResponses"],
-        json!({CONFIRM_KEY: answer}),
-        "{received:?}"
-    );
+    assert_upstream_got_its_round(&fx, &answer);
 
     // The same retry once more: refused, or asked again; never forwarded.
     proxy.send(&final_retry("c4")).await;
@@ -1987,20 +1921,8 @@ async fn elicitation_error_reply_with_no_other_channel_is_refused() {
         message: "Method not found".to_owned(),
     });
     let log = host.log();
-    let client = connect(host, fx.proxy_command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
+    let client = fx.connect(host, &config, Era::Legacy).await;
+    let data = deploy_refused(&client, "approval_denied", "rejected").await;
     assert!(
         data["reason"]
             .as_str()
