@@ -132,6 +132,18 @@ impl Fixture {
         self.start_with(&config, &[]).await
     }
 
+    /// Asserts the service was never asked about an approval (no `/v1/approvals…` request).
+    fn assert_no_approval_requests(&self) {
+        assert!(
+            self.apie
+                .all_requests()
+                .iter()
+                .all(|r| !r.path.starts_with("/v1/approvals")),
+            "the service was asked about an approval: {:?}",
+            self.apie.summary()
+        );
+    }
+
     /// The evaluate request bodies received so far.
     fn evaluations(&self) -> Vec<Value> {
         self.apie
@@ -238,6 +250,36 @@ fn assert_unavailable(response: &Value, failure_mode: &str, failure: &str, tool:
     data.clone()
 }
 
+/// Asserts `request` to the service carries [`KEY`] as its bearer token and a JSON body.
+fn assert_keyed_json(request: &apie::Recorded) {
+    assert_eq!(
+        request.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str()),
+        "{request:?}"
+    );
+    assert!(
+        request
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{request:?}"
+    );
+}
+
+/// Sends a `deploy_service` call that the service holds on `approval`; returns once the proxy
+/// long-polls for it, with the `/wait` requests so far.
+async fn held_on_the_service(
+    fx: &Fixture,
+    proxy: &mut RawSession,
+    id: &str,
+    approval: &str,
+) -> Vec<apie::Recorded> {
+    fx.apie.script_evaluate(Reply::require_approval(approval));
+    proxy
+        .send(&util::legacy_call(id, "deploy_service", prod()))
+        .await;
+    fx.apie.wait_for(&wait_path(approval), 1).await
+}
+
 /// The response (by id) once it arrives, asserting that `other` has not been answered first.
 async fn recv_before(proxy: &mut RawSession, id: &str, other: &str) -> Value {
     let response = proxy.recv_until_id(id).await;
@@ -266,17 +308,7 @@ async fn identify_is_sent_once_at_start_with_the_bearer_key() {
     let identify = fx.apie.wait_for(IDENTIFY, 1).await;
     let request = &identify[0];
     assert_eq!(request.method, "POST");
-    assert_eq!(
-        request.header("authorization"),
-        Some(format!("Bearer {KEY}").as_str()),
-        "{request:?}"
-    );
-    assert!(
-        request
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{request:?}"
-    );
+    assert_keyed_json(request);
     assert_eq!(
         request.json(),
         json!({
@@ -294,17 +326,7 @@ async fn identify_is_sent_once_at_start_with_the_bearer_key() {
 
     let echoed = proxy.call_tool(1, "echo", json!({"text": "hi"})).await;
     assert_eq!(result_text(&echoed), "hi", "{echoed}");
-    let evaluate = &fx.apie.requests(EVALUATE)[0];
-    assert_eq!(
-        evaluate.header("authorization"),
-        Some(format!("Bearer {KEY}").as_str())
-    );
-    assert!(
-        evaluate
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{evaluate:?}"
-    );
+    assert_keyed_json(&fx.apie.requests(EVALUATE)[0]);
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.apie.count(IDENTIFY), 1, "{:?}", fx.apie.summary());
 }
@@ -799,14 +821,7 @@ async fn every_decision_spelling_in_enforce_mode() {
     }
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_calls(), forwarded);
-    assert!(
-        fx.apie
-            .all_requests()
-            .iter()
-            .all(|r| !r.path.starts_with("/v1/approvals")),
-        "{:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -848,14 +863,7 @@ async fn every_decision_spelling_in_monitor_mode_forwards() {
     assert!(fx.evaluations().iter().all(|b| b["mode"] == "monitor"));
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_calls(), forwarded);
-    assert!(
-        fx.apie
-            .all_requests()
-            .iter()
-            .all(|r| !r.path.starts_with("/v1/approvals")),
-        "monitor mode waited on an approval: {:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1572,16 +1580,7 @@ async fn events_are_posted_with_the_listed_types_by_shutdown() {
         fx.apie.summary()
     );
     for request in &requests {
-        assert_eq!(
-            request.header("authorization"),
-            Some(format!("Bearer {KEY}").as_str())
-        );
-        assert!(
-            request
-                .header("content-type")
-                .is_some_and(|t| t.starts_with("application/json")),
-            "{request:?}"
-        );
+        assert_keyed_json(request);
         assert!(
             !request.body.contains("hunter2"),
             "an argument left in an event: {}",
@@ -1790,12 +1789,7 @@ fn guard_channel(extra: Value) -> Value {
 async fn guard_approval_approved_through_the_long_poll() {
     let fx = Fixture::new().await;
     let mut proxy = fx.start(guard_channel(json!({}))).await;
-    fx.apie
-        .script_evaluate(Reply::require_approval("apr_svc_1"));
-    proxy
-        .send(&util::legacy_call("d1", "deploy_service", prod()))
-        .await;
-    let waits = fx.apie.wait_for(&wait_path("apr_svc_1"), 1).await;
+    let waits = held_on_the_service(&fx, &mut proxy, "d1", "apr_svc_1").await;
     let timeout: u64 = waits[0]
         .query_param("timeout")
         .and_then(|t| t.parse().ok())
@@ -1981,17 +1975,7 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
     }
     let cancels = fx.apie.wait_for(&cancel_path("apr_slow"), 1).await;
     assert_eq!(cancels[0].method, "POST");
-    assert_eq!(
-        cancels[0].header("authorization"),
-        Some(format!("Bearer {KEY}").as_str())
-    );
-    assert!(
-        cancels[0]
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{:?}",
-        cancels[0]
-    );
+    assert_keyed_json(&cancels[0]);
     let line = fx.audit_of("t1").await;
     assert_eq!(line["outcome"], "denied", "{line}");
     assert_eq!(line["status"], "timeout", "{line}");
@@ -2025,12 +2009,7 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
 async fn host_cancel_of_a_call_held_on_a_service_approval() {
     let fx = Fixture::new().await;
     let mut proxy = fx.start(guard_channel(json!({}))).await;
-    fx.apie
-        .script_evaluate(Reply::require_approval("apr_host_cancel"));
-    proxy
-        .send(&util::legacy_call("c1", "deploy_service", prod()))
-        .await;
-    fx.apie.wait_for(&wait_path("apr_host_cancel"), 1).await;
+    held_on_the_service(&fx, &mut proxy, "c1", "apr_host_cancel").await;
     proxy
         .send(&util::notification(
             "notifications/cancelled",
@@ -2081,14 +2060,7 @@ async fn require_approval_without_an_id_falls_through_to_the_local_channel() {
     assert_eq!(line["outcome"], "approved", "{line}");
     assert_eq!(line["approvalId"], approval.as_str(), "{line}");
     assert_eq!(finish(proxy).await.code(), Some(0));
-    assert!(
-        !fx.apie
-            .all_requests()
-            .iter()
-            .any(|r| r.path.starts_with("/v1/approvals")),
-        "{:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2346,11 +2318,7 @@ async fn traffic_flows_while_a_call_waits_on_the_service() {
     assert_eq!(result_text(&held), "3", "{held}");
 
     // Waiting on a service approval.
-    fx.apie.script_evaluate(Reply::require_approval("apr_flow"));
-    proxy
-        .send(&util::legacy_call("held", "deploy_service", prod()))
-        .await;
-    fx.apie.wait_for(&wait_path("apr_flow"), 1).await;
+    held_on_the_service(&fx, &mut proxy, "held", "apr_flow").await;
     proxy
         .send(&util::request("l2", "tools/list", Value::Null))
         .await;
