@@ -1047,13 +1047,25 @@ fn is_progress(message: &Value) -> bool {
 // 2026-07-28: input_required
 // ---------------------------------------------------------------------------
 
+/// Sends a 2026-07-28 `tools/call` from a host declaring elicitation ([`mcall`] with
+/// [`eliciting`] and `extra`) and returns the response to it.
+async fn call_eliciting(
+    proxy: &mut RawSession,
+    id: &str,
+    tool: &str,
+    arguments: Value,
+    extra: Value,
+) -> Value {
+    proxy
+        .send(&mcall(id, tool, arguments, eliciting(), extra))
+        .await;
+    proxy.recv_until_id(id).await
+}
+
 /// Sends a modern call declaring elicitation, asserts the proxy's `input_required` answer and
 /// returns its `requestState`.
 async fn ask_modern(proxy: &mut RawSession, id: &str, tool: &str, arguments: Value) -> String {
-    proxy
-        .send(&mcall(id, tool, arguments, eliciting(), json!({})))
-        .await;
-    let response = proxy.recv_until_id(id).await;
+    let response = call_eliciting(proxy, id, tool, arguments, json!({})).await;
     assert_input_required(&response, tool)
 }
 
@@ -1066,16 +1078,14 @@ async fn retry_modern(
     answer: Value,
     state: &str,
 ) -> Value {
-    proxy
-        .send(&mcall(
-            id,
-            tool,
-            arguments,
-            eliciting(),
-            retry_with(APPROVAL_KEY, answer, state),
-        ))
-        .await;
-    proxy.recv_until_id(id).await
+    call_eliciting(
+        proxy,
+        id,
+        tool,
+        arguments,
+        retry_with(APPROVAL_KEY, answer, state),
+    )
+    .await
 }
 
 /// Asserts no call the upstream received carries anything of the proxy's own round.
@@ -1152,16 +1162,14 @@ async fn modern_question_redacts_secret_arguments() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw(&config);
-    proxy
-        .send(&mcall(
-            "m",
-            "deploy_service",
-            prod_with_secrets(),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let response = proxy.recv_until_id("m").await;
+    let response = call_eliciting(
+        &mut proxy,
+        "m",
+        "deploy_service",
+        prod_with_secrets(),
+        json!({}),
+    )
+    .await;
     assert_input_required(&response, "deploy_service");
     let text = response["result"]["inputRequests"][APPROVAL_KEY]["params"]["message"]
         .as_str()
@@ -1256,16 +1264,14 @@ async fn modern_forged_and_tampered_states_are_denied() {
         assert!(data.get("approval_id").is_some(), "{response}");
     }
     // The proxy's answer with no state at all: nothing binds it to a call.
-    proxy
-        .send(&mcall(
-            "stateless",
-            "deploy_service",
-            prod(),
-            eliciting(),
-            json!({"inputResponses": {APPROVAL_KEY: elicit_result("accept", Some(true))}}),
-        ))
-        .await;
-    let stateless = proxy.recv_until_id("stateless").await;
+    let stateless = call_eliciting(
+        &mut proxy,
+        "stateless",
+        "deploy_service",
+        prod(),
+        json!({"inputResponses": {APPROVAL_KEY: elicit_result("accept", Some(true))}}),
+    )
+    .await;
     if stateless.get("error").is_some() {
         assert_not_approved(&stateless, "deploy_service", "approval_denied", "rejected");
     } else {
@@ -1438,16 +1444,14 @@ async fn modern_call_without_elicitation_and_no_other_channel_is_refused() {
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw(&config);
     // An earlier request declaring elicitation does not count for this one.
-    proxy
-        .send(&mcall(
-            "first",
-            "echo",
-            json!({"text": "hi"}),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let echoed = proxy.recv_until_id("first").await;
+    let echoed = call_eliciting(
+        &mut proxy,
+        "first",
+        "echo",
+        json!({"text": "hi"}),
+        json!({}),
+    )
+    .await;
     assert_eq!(result_text(&echoed), "hi", "{echoed}");
 
     let mut params = json!({"name": "deploy_service", "arguments": prod()});
@@ -1554,30 +1558,19 @@ async fn upstream_input_required_passes_through_untouched() {
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw(&config);
 
-    proxy
-        .send(&mcall(
-            "c1",
-            "confirm",
-            json!({"text": "x"}),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let first = proxy.recv_until_id("c1").await;
+    let first = call_eliciting(&mut proxy, "c1", "confirm", json!({"text": "x"}), json!({})).await;
     let state = assert_upstream_question(&first);
     assert_eq!(state, "example-state.x", "{first}");
 
     let answer = json!({"action": "accept", "content": {"ok": true}});
-    proxy
-        .send(&mcall(
-            "c2",
-            "confirm",
-            json!({"text": "x"}),
-            eliciting(),
-            retry_with(CONFIRM_KEY, answer.clone(), "example-state.x"),
-        ))
-        .await;
-    let second = proxy.recv_until_id("c2").await;
+    let second = call_eliciting(
+        &mut proxy,
+        "c2",
+        "confirm",
+        json!({"text": "x"}),
+        retry_with(CONFIRM_KEY, answer.clone(), "example-state.x"),
+    )
+    .await;
     assert_eq!(result_text(&second), "confirmed x", "{second}");
     assert_eq!(finish(proxy).await.code(), Some(0));
 
@@ -1772,16 +1765,7 @@ async fn modern_monitor_mode_never_answers_input_required() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
     let mut proxy = fx.raw(&config);
-    proxy
-        .send(&mcall(
-            "m",
-            "deploy_service",
-            prod(),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let response = proxy.recv_until_id("m").await;
+    let response = call_eliciting(&mut proxy, "m", "deploy_service", prod(), json!({})).await;
     assert_eq!(
         result_text(&response),
         "deployed api to production",
@@ -1887,16 +1871,14 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
         assert_input_required(&replayed, "confirm");
     }
     // And with other arguments: not this call's approval either.
-    proxy
-        .send(&mcall(
-            "c5",
-            "confirm",
-            json!({"text": "y"}),
-            eliciting(),
-            retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
-        ))
-        .await;
-    let other = proxy.recv_until_id("c5").await;
+    let other = call_eliciting(
+        &mut proxy,
+        "c5",
+        "confirm",
+        json!({"text": "y"}),
+        retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
+    )
+    .await;
     if other.get("error").is_some() {
         assert_not_approved(&other, "confirm", "approval_denied", "rejected");
     } else {
