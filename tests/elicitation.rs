@@ -980,17 +980,7 @@ async fn held_call_with_a_progress_token_gets_increasing_progress() {
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&request(
-            "p",
-            "tools/call",
-            json!({
-                "name": "steps",
-                "arguments": {"count": 3},
-                "_meta": {"progressToken": "tok-p"},
-            }),
-        ))
-        .await;
+    proxy.send(&steps_with_progress("p", "tok-p")).await;
     let mut others = Vec::new();
     let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
     assert_approval_question(&question, "steps");
@@ -1037,6 +1027,19 @@ async fn held_call_with_a_progress_token_gets_increasing_progress() {
     );
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_tools(), ["steps"]);
+}
+
+/// A legacy `steps` call (`count` 3) that asks for progress under `token`.
+fn steps_with_progress(id: impl Into<Value>, token: impl Into<Value>) -> Value {
+    request(
+        id,
+        "tools/call",
+        json!({
+            "name": "steps",
+            "arguments": {"count": 3},
+            "_meta": {"progressToken": token.into()},
+        }),
+    )
 }
 
 fn is_progress(message: &Value) -> bool {
@@ -1628,17 +1631,7 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
         json!({"policies": policies(&["deploy_service"])}),
     );
     let mut proxy = fx.raw_eliciting(&config).await;
-    proxy
-        .send(&request(
-            7,
-            "tools/call",
-            json!({
-                "name": "steps",
-                "arguments": {"count": 3},
-                "_meta": {"progressToken": 70},
-            }),
-        ))
-        .await;
+    proxy.send(&steps_with_progress(7, 70)).await;
     let response = proxy.recv_until_id(7).await;
     assert_eq!(result_text(&response), "did 3 steps", "{response}");
     let progress: Vec<Value> = proxy

@@ -250,6 +250,19 @@ fn assert_unavailable(response: &Value, failure_mode: &str, failure: &str, tool:
     data.clone()
 }
 
+/// A legacy `deploy_service` call with [`prod`] that asks for progress under `token`.
+fn deploy_with_progress(id: &str, token: &str) -> Value {
+    util::request(
+        id,
+        "tools/call",
+        json!({
+            "name": "deploy_service",
+            "arguments": prod(),
+            "_meta": {"progressToken": token},
+        }),
+    )
+}
+
 /// Asserts `request` to the service carries [`KEY`] as its bearer token and a JSON body.
 fn assert_keyed_json(request: &apie::Recorded) {
     assert_eq!(
@@ -2092,17 +2105,7 @@ async fn a_held_call_with_a_progress_token_gets_progress() {
     let mut proxy = fx.start(guard_channel(json!({}))).await;
     fx.apie
         .script_evaluate(Reply::require_approval("apr_progress"));
-    proxy
-        .send(&util::request(
-            "pg",
-            "tools/call",
-            json!({
-                "name": "deploy_service",
-                "arguments": prod(),
-                "_meta": {"progressToken": "pt-1"},
-            }),
-        ))
-        .await;
+    proxy.send(&deploy_with_progress("pg", "pt-1")).await;
     proxy.set_recv_timeout(Duration::from_secs(3));
     let first = proxy.recv().await;
     assert_eq!(first["method"], "notifications/progress", "{first}");
@@ -2220,17 +2223,7 @@ async fn upstream_progress_after_a_held_call_keeps_increasing() {
     // Held, with progress from the proxy.
     fx.apie
         .script_evaluate(Reply::require_approval("apr_shift"));
-    proxy
-        .send(&util::request(
-            "sh",
-            "tools/call",
-            json!({
-                "name": "deploy_service",
-                "arguments": prod(),
-                "_meta": {"progressToken": "pt-shift"},
-            }),
-        ))
-        .await;
+    proxy.send(&deploy_with_progress("sh", "pt-shift")).await;
     let first = proxy.recv().await;
     assert_eq!(first["method"], "notifications/progress", "{first}");
     fx.apie.wait_for(&wait_path("apr_shift"), 1).await;
