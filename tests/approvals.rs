@@ -7,14 +7,13 @@
 //! What the upstream really received is read from `EXAMPLE_SERVER_LOG`.
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::{Value, json};
 
-use crate::util::{self, RawSession, legacy_call, proxy_bin, result_text, sorted_sha256};
+use crate::util::{self, RawSession, finish, legacy_call, result_text, sorted_sha256};
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 
@@ -26,14 +25,6 @@ fn prod() -> Value {
 // ---------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------
-
-/// What a run of `apie-mcp approvals …` printed, and how it exited.
-#[derive(Debug)]
-struct Answered {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
 
 /// A temp directory holding one test's config, audit log, the example server's call log and
 /// the state directory (so the approval queue) of both the proxy and the `approvals` CLI.
@@ -53,10 +44,6 @@ impl Fixture {
         Fixture {
             scratch: util::Scratch::new(),
         }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("state")
     }
 
     fn queue_dir(&self) -> PathBuf {
@@ -89,85 +76,9 @@ impl Fixture {
     /// service key, already through the legacy handshake (with no client capabilities, so no
     /// elicitation: the local queue is the channel).
     async fn proxy(&self, config: &Path, args: &[&str]) -> RawSession {
-        let mut session = RawSession::builder(proxy_bin())
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path())
-            .spawn();
+        let mut session = self.proxy_builder(config).args(args).spawn();
         session.initialize_legacy(json!({})).await;
         session
-    }
-
-    /// `apie-mcp approvals args…`: a second process sharing the proxy's state directory.
-    async fn approvals(&self, args: &[&str]) -> Answered {
-        let run = tokio::process::Command::new(proxy_bin())
-            .arg("approvals")
-            .args(args)
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env_remove("APIE_MCP_CONFIG")
-            .env_remove("APIE_API_KEY")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, run)
-            .await
-            .unwrap_or_else(|_| {
-                panic!("`apie-mcp approvals {args:?}` still running after {WAIT:?}")
-            })
-            .expect("run apie-mcp approvals");
-        Answered {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
-    }
-
-    /// `approvals list`, asserted to succeed: the ids it lists (in its order) and its output.
-    async fn list(&self) -> (Vec<String>, String) {
-        let listed = self.approvals(&["list"]).await;
-        assert_eq!(listed.code, Some(0), "approvals list: {listed:?}");
-        let ids = listed
-            .stdout
-            .lines()
-            .filter(|line| line.starts_with("apr_"))
-            .map(|line| {
-                line.split_whitespace()
-                    .next()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect();
-        (ids, listed.stdout)
-    }
-
-    /// Waits (bounded) until `approvals list` shows exactly `n` held calls; returns their ids
-    /// and the listing. The id comes from what a human sees, never from the queue's file names.
-    async fn held(&self, n: usize, proxy: &RawSession) -> (Vec<String>, String) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (ids, text) = self.list().await;
-            if ids.len() == n {
-                return (ids, text);
-            }
-            assert!(
-                ids.len() < n && Instant::now() < deadline,
-                "expected {n} held calls, `approvals list` says:\n{text}\n--- proxy stderr ---\n{}",
-                proxy.stderr_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// `approvals approve|reject ID …`, asserted to succeed.
-    async fn answer(&self, args: &[&str]) -> Answered {
-        let answered = self.approvals(args).await;
-        assert_eq!(answered.code, Some(0), "approvals {args:?}: {answered:?}");
-        answered
     }
 
     /// The names of the files in the queue directory (none when it does not exist).
@@ -196,23 +107,6 @@ impl Fixture {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-
-    /// The audit line of the call with host id `id`.
-    fn audit_of(&self, id: impl Into<Value>) -> Value {
-        let id = id.into();
-        let lines = self.audit();
-        let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
-        match mine.as_slice() {
-            [one] => (*one).clone(),
-            other => panic!("expected one audit line for request {id}, got {other:?}"),
-        }
-    }
-}
-
-/// Closes the host's stdin and waits (bounded) for the proxy to exit.
-async fn finish(mut proxy: RawSession) -> ExitStatus {
-    proxy.close_stdin();
-    proxy.wait_exit(WAIT).await
 }
 
 /// Sends a `tools/call` the proxy will hold; returns once `approvals list` shows it, with its
@@ -227,21 +121,12 @@ async fn hold(fx: &Fixture, proxy: &mut RawSession, id: impl Into<Value>) -> Str
     ids.into_iter().next().expect("one held call")
 }
 
-/// Asserts `response` is the -32002 refusal of a held call, with `kind` and `status`; returns
-/// its `error.data`.
+/// Asserts `response` is the -32002 refusal of the held `deploy_service` call, with `kind` and
+/// `status` ([`util::assert_not_approved`]); returns its `error.data`.
 fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
+    let data = util::assert_not_approved(response, kind, status);
     assert_eq!(data["tool"], "deploy_service", "{response}");
-    data.clone()
+    data
 }
 
 // ---------------------------------------------------------------------------
@@ -353,7 +238,7 @@ async fn unanswered_call_times_out_and_leaves_no_queue_entry() {
 
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
-    let audit = fx.audit_of("late");
+    let audit = fx.audit_of("late").await;
     assert_eq!(audit["outcome"], "denied", "{audit}");
     assert_eq!(audit["status"], "timeout", "{audit}");
     assert_eq!(audit["approvalId"], approval_id, "{audit}");
@@ -482,7 +367,7 @@ async fn calls_over_max_pending_are_refused_at_once() {
 
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_tools(), ["deploy_service"]);
-    let audit = fx.audit_of(2);
+    let audit = fx.audit_of(2).await;
     assert_eq!(audit["outcome"], "too_many_pending", "{audit}");
 }
 
@@ -512,7 +397,7 @@ async fn host_eof_while_held_exits_promptly_and_clears_the_queue() {
     assert_eq!(late.code, Some(1), "{late:?}");
     assert!(late.stderr.contains("no pending approval"), "{late:?}");
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
-    let audit = fx.audit_of("held");
+    let audit = fx.audit_of("held").await;
     assert_eq!(audit["outcome"], "cancelled", "{audit}");
     assert_eq!(audit["approvalId"], id.as_str(), "{audit}");
 }
@@ -551,7 +436,7 @@ async fn monitor_mode_never_holds() {
     assert_eq!(result_text(&response), "deployed api to production");
     assert!(fx.queue_files().is_empty(), "{:?}", fx.queue_files());
     assert_eq!(finish(proxy).await.code(), Some(0));
-    let audit = fx.audit_of(1);
+    let audit = fx.audit_of(1).await;
     assert_eq!(audit["outcome"], "would_require_approval", "{audit}");
     assert!(audit.get("approvalId").is_none(), "{audit}");
 }
@@ -674,7 +559,7 @@ async fn audit_lines_carry_the_approval_id_and_status() {
         ("r", &rejected, "denied", "rejected"),
         ("c", &cancelled, "cancelled", "cancelled"),
     ] {
-        let line = fx.audit_of(request);
+        let line = fx.audit_of(request).await;
         assert_eq!(line["approvalId"], approval.as_str(), "{line}");
         assert_eq!(line["outcome"], outcome, "{line}");
         assert_eq!(line["status"], status, "{line}");
@@ -683,7 +568,7 @@ async fn audit_lines_carry_the_approval_id_and_status() {
         assert_eq!(line["riskLevel"], "critical", "{line}");
         assert_eq!(line["argumentsSha256"], sorted_sha256(&prod()), "{line}");
     }
-    let line = fx.audit_of("s");
+    let line = fx.audit_of("s").await;
     assert_eq!(line["approvalId"], by_rule.as_str(), "{line}");
     assert_eq!(line["outcome"], "approved", "{line}");
     assert_eq!(line["status"], "approved", "{line}");
@@ -695,7 +580,7 @@ async fn audit_lines_carry_the_approval_id_and_status() {
     ids.dedup();
     assert_eq!(ids.len(), 4, "{ids:?}");
     // A call that was never held has neither.
-    let line = fx.audit_of("e");
+    let line = fx.audit_of("e").await;
     assert_eq!(line["outcome"], "forwarded", "{line}");
     assert!(line.get("approvalId").is_none(), "{line}");
     assert!(line.get("status").is_none(), "{line}");

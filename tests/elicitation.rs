@@ -12,19 +12,16 @@
 //! `EXAMPLE_SERVER_PARAMS_LOG` (the whole `params`, so `inputResponses` and `requestState`).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use rmcp::model::{CallToolRequestParams, CallToolResult, ErrorData};
+use rmcp::model::{CallToolRequestParams, CallToolResult};
 use rmcp::service::ServiceError;
 use serde_json::{Value, json};
 
 use crate::util::{
-    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, RawSession, TestClient, connect,
-    modern_meta_with, notification, proxy_bin, request, result_text,
+    self, ElicitAnswer, Era, META_CLIENT_CAPABILITIES, McpClient, RawSession, TestClient, connect,
+    finish, modern_meta_with, notification, request, result_text,
 };
-
-const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 
 /// The input request key of the proxy's own approval question (2026-07-28).
 const APPROVAL_KEY: &str = "apie/approval";
@@ -76,15 +73,6 @@ fn policies(held: &[&str]) -> Value {
 // Fixture
 // ---------------------------------------------------------------------------
 
-/// What a run of `apie-mcp approvals …` printed, and how it exited.
-#[derive(Debug)]
-struct Answered {
-    code: Option<i32>,
-    stdout: String,
-    #[allow(dead_code, reason = "shown by the assertion messages' Debug output")]
-    stderr: String,
-}
-
 /// One test's directory: config, audit log, the example server's logs and the proxy's state
 /// directory (the local approval queue).
 struct Fixture {
@@ -103,10 +91,6 @@ impl Fixture {
         Fixture {
             scratch: util::Scratch::new(),
         }
-    }
-
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("state")
     }
 
     fn params_log(&self) -> PathBuf {
@@ -156,112 +140,22 @@ impl Fixture {
 
     /// `apie-mcp --config <config>` over raw lines, no handshake yet.
     fn raw(&self, config: &Path) -> RawSession {
-        RawSession::builder(proxy_bin())
-            .arg("--config")
-            .arg(config)
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path())
-            .spawn()
+        self.proxy_builder(config).spawn()
     }
 
-    /// `apie-mcp --config <config>` as a command for an rmcp host.
-    fn command(&self, config: &Path) -> tokio::process::Command {
-        let mut command = util::proxy_command(["--config".as_ref(), config.as_os_str()]);
-        command
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path());
-        command
+    /// [`Self::raw`] through the legacy handshake (2025-11-25) of a host declaring elicitation.
+    async fn raw_eliciting(&self, config: &Path) -> RawSession {
+        let mut proxy = self.raw(config);
+        handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+        proxy
     }
 
-    /// `apie-mcp approvals args…`: a second process sharing the proxy's state directory.
-    async fn approvals(&self, args: &[&str]) -> Answered {
-        let run = tokio::process::Command::new(proxy_bin())
-            .arg("approvals")
-            .args(args)
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env_remove("APIE_MCP_CONFIG")
-            .env_remove("APIE_API_KEY")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, run)
+    /// `host` as an rmcp client of `apie-mcp --config <config>` in `era`.
+    async fn connect(&self, host: TestClient, config: &Path, era: Era) -> McpClient {
+        connect(host, self.proxy_command(config), era)
             .await
-            .unwrap_or_else(|_| panic!("`apie-mcp approvals {args:?}` still running"))
-            .expect("run apie-mcp approvals");
-        Answered {
-            code: out.status.code(),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+            .unwrap_or_else(|e| panic!("connect through the proxy ({era:?}): {e}"))
     }
-
-    /// The ids `approvals list` shows.
-    async fn listed(&self) -> Vec<String> {
-        let listed = self.approvals(&["list"]).await;
-        assert_eq!(listed.code, Some(0), "approvals list: {listed:?}");
-        listed
-            .stdout
-            .lines()
-            .filter(|line| line.starts_with("apr_"))
-            .filter_map(|line| line.split_whitespace().next())
-            .map(str::to_owned)
-            .collect()
-    }
-
-    /// Waits (bounded) until `approvals list` shows exactly one held call; returns its id.
-    async fn held_locally(&self) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let ids = self.listed().await;
-            if let [one] = ids.as_slice() {
-                return one.clone();
-            }
-            assert!(
-                ids.len() < 2 && Instant::now() < deadline,
-                "expected one call in the local queue, `approvals list` shows {ids:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-
-    /// `approvals approve ID`, asserted to succeed.
-    async fn approve_locally(&self, id: &str) {
-        let answered = self.approvals(&["approve", id]).await;
-        assert_eq!(
-            answered.code,
-            Some(0),
-            "approvals approve {id}: {answered:?}"
-        );
-    }
-
-    /// The audit line of the call with host id `id`, waiting (bounded) for it to be written.
-    async fn audit_of(&self, id: impl Into<Value>) -> Value {
-        let id = id.into();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let lines = self.audit();
-            let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
-            match mine.as_slice() {
-                [one] => return (*one).clone(),
-                [] if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                other => panic!("expected one audit line for request {id}, got {other:?}"),
-            }
-        }
-    }
-}
-
-/// Closes the host's stdin and waits (bounded) for the proxy to exit.
-async fn finish(mut proxy: RawSession) -> ExitStatus {
-    proxy.close_stdin();
-    proxy.wait_exit(WAIT).await
 }
 
 // ---------------------------------------------------------------------------
@@ -371,6 +265,22 @@ fn assert_approval_question(message: &Value, tool: &str) -> Value {
     params
 }
 
+/// Sends a legacy `deploy_service` call with `arguments` and returns the proxy's approval
+/// question about it, checked by [`assert_approval_question`]; other messages go to `others`.
+async fn ask_legacy(
+    proxy: &mut RawSession,
+    id: impl Into<Value>,
+    arguments: Value,
+    others: &mut Vec<Value>,
+) -> Value {
+    proxy
+        .send(&util::legacy_call(id, "deploy_service", arguments))
+        .await;
+    let question = next_request(proxy, "elicitation/create", others).await;
+    assert_approval_question(&question, "deploy_service");
+    question
+}
+
 /// The checks shared by both eras' approval questions (legacy `elicitation/create` params and
 /// the 2026-07-28 input request's params).
 fn assert_question_params(params: &Value, tool: &str) {
@@ -396,19 +306,11 @@ fn assert_question_params(params: &Value, tool: &str) {
     assert_eq!(schema["required"], json!(["approve"]), "{params}");
 }
 
-/// Asserts `response` is the -32002 refusal of a held call with `kind` and `status`; returns
-/// its `error.data`.
+/// Asserts `response` is the -32002 refusal of a held call to `tool` with `kind` and `status`
+/// ([`util::assert_not_approved`]), naming its approval id, reason and rule; returns its
+/// `error.data`.
 fn assert_not_approved(response: &Value, tool: &str, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
+    let data = util::assert_not_approved(response, kind, status);
     assert_eq!(data["tool"], tool, "{response}");
     for key in ["approval_id", "reason", "rule"] {
         assert!(
@@ -416,7 +318,7 @@ fn assert_not_approved(response: &Value, tool: &str, kind: &str, status: &str) -
             "error data lacks {key}: {response}"
         );
     }
-    data.clone()
+    data
 }
 
 /// Asserts `response` answers a 2026-07-28 call with the proxy's `input_required` result about
@@ -463,18 +365,19 @@ fn first_text(result: &CallToolResult) -> String {
         .unwrap_or_else(|| panic!("no text block in {result:?}"))
 }
 
-/// The JSON-RPC error of an rmcp call that must have failed with one.
-fn mcp_error(result: Result<CallToolResult, ServiceError>) -> ErrorData {
-    match result {
+/// Calls `deploy_service` with [`prod`] through an rmcp host; the JSON-RPC error it must fail
+/// with, as the response a raw host would have seen, is the refusal with `kind` and `status`
+/// ([`assert_not_approved`]). Returns its `error.data`.
+async fn deploy_refused(client: &McpClient, kind: &str, status: &str) -> Value {
+    let error = match client
+        .call_tool(call_params("deploy_service", prod()))
+        .await
+    {
         Err(ServiceError::McpError(error)) => error,
         other => panic!("expected a JSON-RPC error, got {other:?}"),
-    }
-}
-
-/// An rmcp error as the JSON-RPC response a raw host would have seen (for
-/// [`assert_not_approved`]).
-fn as_response(error: &ErrorData) -> Value {
-    json!({"error": serde_json::to_value(error).expect("error serializes")})
+    };
+    let response = json!({"error": serde_json::to_value(&error).expect("error serializes")});
+    assert_not_approved(&response, "deploy_service", kind, status)
 }
 
 // ---------------------------------------------------------------------------
@@ -487,9 +390,7 @@ async fn legacy_host_approves_in_the_host_and_the_call_is_forwarded() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let deployed = client
         .call_tool(call_params("deploy_service", prod_with_secrets()))
@@ -557,21 +458,9 @@ async fn legacy_host_refuses(answer: ElicitAnswer, status: &str) {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(answer);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        status,
-    );
+    let data = deploy_refused(&client, "approval_denied", status).await;
     assert_eq!(data["rule"], RULE, "{data}");
     assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
 
@@ -628,19 +517,17 @@ async fn host_without_elicitation_falls_to_the_local_queue() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let (deployed, ()) = tokio::join!(
         client.call_tool(call_params("deploy_service", prod())),
         async {
-            let id = fx.held_locally().await;
+            let (ids, _) = fx.held(1, &client).await;
             assert!(
                 fx.server_tools().is_empty(),
                 "forwarded before the human answered"
             );
-            fx.approve_locally(&id).await;
+            fx.answer(&["approve", &ids[0]]).await;
         }
     );
     let deployed = deployed.expect("approved from the local queue");
@@ -662,23 +549,11 @@ async fn host_without_elicitation_and_no_other_channel_is_refused_at_once() {
         .without_elicitation()
         .with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
 
     let started = Instant::now();
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
+    let data = deploy_refused(&client, "approval_denied", "rejected").await;
     let took = started.elapsed();
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
     let reason = data["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("no approval channel is available"),
@@ -698,15 +573,11 @@ async fn host_without_elicitation_and_no_other_channel_is_refused_at_once() {
 async fn raw_host_sees_a_form_elicitation_with_redacted_arguments() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(1, "deploy_service", prod_with_secrets()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    let params = assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 1, prod_with_secrets(), &mut others).await;
+    let params = &question["params"];
     // 2025-11-25 was negotiated and `{}` means form: the request says so.
     assert_eq!(params["mode"], "form", "{question}");
     let raw = question.to_string();
@@ -745,12 +616,9 @@ async fn protocol_2025_06_18_elicitation_has_no_mode() {
     let init = handshake(&mut proxy, "2025-06-18", json!({"elicitation": {}}), true).await;
     assert_eq!(init["protocolVersion"], "2025-06-18", "{init}");
 
-    proxy
-        .send(&util::legacy_call("d", "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    let params = assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, "d", prod(), &mut others).await;
+    let params = &question["params"];
     assert!(
         params.get("mode").is_none(),
         "2025-06-18 has no elicitation modes: {question}"
@@ -820,15 +688,10 @@ async fn no_elicitation_before_notifications_initialized() {
 async fn elicitation_error_reply_falls_to_the_next_channel() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation", "local"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(1, "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 1, prod(), &mut others).await;
     // A host that declared elicitation but cannot actually do it.
     proxy
         .send(&json!({
@@ -839,7 +702,7 @@ async fn elicitation_error_reply_falls_to_the_next_channel() {
         .await;
 
     // Not an answer from a human: the call waits in the local queue now.
-    let id = fx.held_locally().await;
+    let (ids, _) = fx.held(1, &proxy).await;
     assert!(
         proxy
             .try_recv_line(Duration::from_millis(200))
@@ -848,7 +711,7 @@ async fn elicitation_error_reply_falls_to_the_next_channel() {
         "the host heard back before the local approval"
     );
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
-    fx.approve_locally(&id).await;
+    fx.answer(&["approve", &ids[0]]).await;
     let response = proxy.recv_until_id(1).await;
     assert_eq!(
         result_text(&response),
@@ -995,15 +858,10 @@ async fn proxy_and_upstream_requests_to_the_host_never_collide() {
 async fn host_cancel_of_a_held_call_cancels_the_elicitation() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&util::legacy_call(5, "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, 5, prod(), &mut others).await;
     proxy
         .send(&notification(
             "notifications/cancelled",
@@ -1060,16 +918,11 @@ async fn next_cancelled(proxy: &mut RawSession, others: &mut Vec<Value>) -> Valu
 async fn unanswered_elicitation_times_out_and_is_cancelled_at_the_host() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 300}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
     let sent = Instant::now();
-    proxy
-        .send(&util::legacy_call("late", "deploy_service", prod()))
-        .await;
     let mut others = Vec::new();
-    let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
-    assert_approval_question(&question, "deploy_service");
+    let question = ask_legacy(&mut proxy, "late", prod(), &mut others).await;
     // Nobody answers.
     let response = proxy.recv_until_id("late").await;
     let waited = sent.elapsed();
@@ -1105,20 +958,8 @@ async fn rmcp_host_sees_its_hanging_elicitation_cancelled_on_timeout() {
     let config = fx.config(&["elicitation"], json!({"approvalTimeoutMs": 300}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Hang);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_timeout",
-        "timeout",
-    );
+    let client = fx.connect(host, &config, Era::Legacy).await;
+    deploy_refused(&client, "approval_timeout", "timeout").await;
     // rmcp ends the handler's wait when the proxy's notifications/cancelled arrives.
     let deadline = Instant::now() + Duration::from_secs(2);
     while log.elicitations_cancelled() == 0 && Instant::now() < deadline {
@@ -1137,20 +978,9 @@ async fn rmcp_host_sees_its_hanging_elicitation_cancelled_on_timeout() {
 async fn held_call_with_a_progress_token_gets_increasing_progress() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
 
-    proxy
-        .send(&request(
-            "p",
-            "tools/call",
-            json!({
-                "name": "steps",
-                "arguments": {"count": 3},
-                "_meta": {"progressToken": "tok-p"},
-            }),
-        ))
-        .await;
+    proxy.send(&steps_with_progress("p", "tok-p")).await;
     let mut others = Vec::new();
     let question = next_request(&mut proxy, "elicitation/create", &mut others).await;
     assert_approval_question(&question, "steps");
@@ -1199,6 +1029,19 @@ async fn held_call_with_a_progress_token_gets_increasing_progress() {
     assert_eq!(fx.server_tools(), ["steps"]);
 }
 
+/// A legacy `steps` call (`count` 3) that asks for progress under `token`.
+fn steps_with_progress(id: impl Into<Value>, token: impl Into<Value>) -> Value {
+    request(
+        id,
+        "tools/call",
+        json!({
+            "name": "steps",
+            "arguments": {"count": 3},
+            "_meta": {"progressToken": token.into()},
+        }),
+    )
+}
+
 fn is_progress(message: &Value) -> bool {
     message["method"] == "notifications/progress"
 }
@@ -1207,13 +1050,25 @@ fn is_progress(message: &Value) -> bool {
 // 2026-07-28: input_required
 // ---------------------------------------------------------------------------
 
+/// Sends a 2026-07-28 `tools/call` from a host declaring elicitation ([`mcall`] with
+/// [`eliciting`] and `extra`) and returns the response to it.
+async fn call_eliciting(
+    proxy: &mut RawSession,
+    id: &str,
+    tool: &str,
+    arguments: Value,
+    extra: Value,
+) -> Value {
+    proxy
+        .send(&mcall(id, tool, arguments, eliciting(), extra))
+        .await;
+    proxy.recv_until_id(id).await
+}
+
 /// Sends a modern call declaring elicitation, asserts the proxy's `input_required` answer and
 /// returns its `requestState`.
 async fn ask_modern(proxy: &mut RawSession, id: &str, tool: &str, arguments: Value) -> String {
-    proxy
-        .send(&mcall(id, tool, arguments, eliciting(), json!({})))
-        .await;
-    let response = proxy.recv_until_id(id).await;
+    let response = call_eliciting(proxy, id, tool, arguments, json!({})).await;
     assert_input_required(&response, tool)
 }
 
@@ -1226,16 +1081,14 @@ async fn retry_modern(
     answer: Value,
     state: &str,
 ) -> Value {
-    proxy
-        .send(&mcall(
-            id,
-            tool,
-            arguments,
-            eliciting(),
-            retry_with(APPROVAL_KEY, answer, state),
-        ))
-        .await;
-    proxy.recv_until_id(id).await
+    call_eliciting(
+        proxy,
+        id,
+        tool,
+        arguments,
+        retry_with(APPROVAL_KEY, answer, state),
+    )
+    .await
 }
 
 /// Asserts no call the upstream received carries anything of the proxy's own round.
@@ -1312,16 +1165,14 @@ async fn modern_question_redacts_secret_arguments() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw(&config);
-    proxy
-        .send(&mcall(
-            "m",
-            "deploy_service",
-            prod_with_secrets(),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let response = proxy.recv_until_id("m").await;
+    let response = call_eliciting(
+        &mut proxy,
+        "m",
+        "deploy_service",
+        prod_with_secrets(),
+        json!({}),
+    )
+    .await;
     assert_input_required(&response, "deploy_service");
     let text = response["result"]["inputRequests"][APPROVAL_KEY]["params"]["message"]
         .as_str()
@@ -1416,16 +1267,14 @@ async fn modern_forged_and_tampered_states_are_denied() {
         assert!(data.get("approval_id").is_some(), "{response}");
     }
     // The proxy's answer with no state at all: nothing binds it to a call.
-    proxy
-        .send(&mcall(
-            "stateless",
-            "deploy_service",
-            prod(),
-            eliciting(),
-            json!({"inputResponses": {APPROVAL_KEY: elicit_result("accept", Some(true))}}),
-        ))
-        .await;
-    let stateless = proxy.recv_until_id("stateless").await;
+    let stateless = call_eliciting(
+        &mut proxy,
+        "stateless",
+        "deploy_service",
+        prod(),
+        json!({"inputResponses": {APPROVAL_KEY: elicit_result("accept", Some(true))}}),
+    )
+    .await;
     if stateless.get("error").is_some() {
         assert_not_approved(&stateless, "deploy_service", "approval_denied", "rejected");
     } else {
@@ -1573,7 +1422,7 @@ async fn modern_call_without_elicitation_falls_to_the_local_queue() {
     proxy
         .send(&mcall("m", "deploy_service", prod(), json!({}), json!({})))
         .await;
-    let id = fx.held_locally().await;
+    let (ids, _) = fx.held(1, &proxy).await;
     assert!(
         proxy
             .try_recv_line(Duration::from_millis(200))
@@ -1581,7 +1430,7 @@ async fn modern_call_without_elicitation_falls_to_the_local_queue() {
             .is_none(),
         "the host was answered while the call waits in the local queue"
     );
-    fx.approve_locally(&id).await;
+    fx.answer(&["approve", &ids[0]]).await;
     let response = proxy.recv_until_id("m").await;
     assert_eq!(
         result_text(&response),
@@ -1598,16 +1447,14 @@ async fn modern_call_without_elicitation_and_no_other_channel_is_refused() {
     let config = fx.config(&["elicitation"], json!({}));
     let mut proxy = fx.raw(&config);
     // An earlier request declaring elicitation does not count for this one.
-    proxy
-        .send(&mcall(
-            "first",
-            "echo",
-            json!({"text": "hi"}),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let echoed = proxy.recv_until_id("first").await;
+    let echoed = call_eliciting(
+        &mut proxy,
+        "first",
+        "echo",
+        json!({"text": "hi"}),
+        json!({}),
+    )
+    .await;
     assert_eq!(result_text(&echoed), "hi", "{echoed}");
 
     let mut params = json!({"name": "deploy_service", "arguments": prod()});
@@ -1640,9 +1487,7 @@ async fn rmcp_modern_host_drives_the_approval_round_itself() {
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
+    let client = fx.connect(host, &config, Era::Modern).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
@@ -1661,20 +1506,8 @@ async fn rmcp_modern_host_declining_gets_the_refusal() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
-    let client = connect(host, fx.command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
+    let client = fx.connect(host, &config, Era::Modern).await;
+    deploy_refused(&client, "approval_denied", "rejected").await;
     client.close().await;
     assert!(fx.server_tools().is_empty(), "{:?}", fx.server_tools());
 }
@@ -1683,52 +1516,32 @@ async fn rmcp_modern_host_declining_gets_the_refusal() {
 // 2026-07-28: an upstream with input_required rounds of its own
 // ---------------------------------------------------------------------------
 
-#[tokio::test]
-async fn upstream_input_required_passes_through_untouched() {
-    let fx = Fixture::new();
-    let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-
-    proxy
-        .send(&mcall(
-            "c1",
-            "confirm",
-            json!({"text": "x"}),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let first = proxy.recv_until_id("c1").await;
-    let result = &first["result"];
-    assert_eq!(result["resultType"], "input_required", "{first}");
+/// Asserts `response` is the example server's own `input_required` answer to `confirm` with
+/// `{"text": "x"}` (its one question, `Confirm x?`); returns its `requestState`.
+fn assert_upstream_question(response: &Value) -> String {
+    let result = &response["result"];
+    assert_eq!(result["resultType"], "input_required", "{response}");
     let requests = result["inputRequests"]
         .as_object()
-        .unwrap_or_else(|| panic!("no inputRequests: {first}"));
+        .unwrap_or_else(|| panic!("no inputRequests: {response}"));
     assert_eq!(
         requests.keys().collect::<Vec<_>>(),
         [CONFIRM_KEY],
-        "{first}"
+        "{response}"
     );
     assert_eq!(
         requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
-        "{first}"
+        "{response}"
     );
-    assert_eq!(result["requestState"], "example-state.x", "{first}");
+    result["requestState"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no requestState: {response}"))
+        .to_owned()
+}
 
-    let answer = json!({"action": "accept", "content": {"ok": true}});
-    proxy
-        .send(&mcall(
-            "c2",
-            "confirm",
-            json!({"text": "x"}),
-            eliciting(),
-            retry_with(CONFIRM_KEY, answer.clone(), "example-state.x"),
-        ))
-        .await;
-    let second = proxy.recv_until_id("c2").await;
-    assert_eq!(result_text(&second), "confirmed x", "{second}");
-    assert_eq!(finish(proxy).await.code(), Some(0));
-
+/// Asserts the upstream received two calls, the second being the retry of its own round: its
+/// own `requestState`, and the host's `answer` as the only `inputResponses`.
+fn assert_upstream_got_its_round(fx: &Fixture, answer: &Value) {
     let received = fx.server_params();
     assert_eq!(received.len(), 2, "{received:?}");
     assert_eq!(
@@ -1740,6 +1553,31 @@ async fn upstream_input_required_passes_through_untouched() {
         json!({CONFIRM_KEY: answer}),
         "{received:?}"
     );
+}
+
+#[tokio::test]
+async fn upstream_input_required_passes_through_untouched() {
+    let fx = Fixture::new();
+    let config = fx.config(&["elicitation"], json!({}));
+    let mut proxy = fx.raw(&config);
+
+    let first = call_eliciting(&mut proxy, "c1", "confirm", json!({"text": "x"}), json!({})).await;
+    let state = assert_upstream_question(&first);
+    assert_eq!(state, "example-state.x", "{first}");
+
+    let answer = json!({"action": "accept", "content": {"ok": true}});
+    let second = call_eliciting(
+        &mut proxy,
+        "c2",
+        "confirm",
+        json!({"text": "x"}),
+        retry_with(CONFIRM_KEY, answer.clone(), "example-state.x"),
+    )
+    .await;
+    assert_eq!(result_text(&second), "confirmed x", "{second}");
+    assert_eq!(finish(proxy).await.code(), Some(0));
+
+    assert_upstream_got_its_round(&fx, &answer);
     let audit = fx.audit();
     assert!(
         audit.iter().all(|l| l["outcome"] == "forwarded"),
@@ -1759,9 +1597,7 @@ async fn upstream_input_required_behind_the_proxys_approval_completes() {
     let host =
         TestClient::new().with_elicit(ElicitAnswer::Accept(json!({"approve": true, "ok": true})));
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Modern)
-        .await
-        .expect("connect through the proxy (2026-07-28)");
+    let client = fx.connect(host, &config, Era::Modern).await;
     let confirmed = client
         .call_tool(call_params("confirm", json!({"text": "x"})))
         .await
@@ -1794,19 +1630,8 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
         &["elicitation"],
         json!({"policies": policies(&["deploy_service"])}),
     );
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
-    proxy
-        .send(&request(
-            7,
-            "tools/call",
-            json!({
-                "name": "steps",
-                "arguments": {"count": 3},
-                "_meta": {"progressToken": 70},
-            }),
-        ))
-        .await;
+    let mut proxy = fx.raw_eliciting(&config).await;
+    proxy.send(&steps_with_progress(7, 70)).await;
     let response = proxy.recv_until_id(7).await;
     assert_eq!(result_text(&response), "did 3 steps", "{response}");
     let progress: Vec<Value> = proxy
@@ -1845,8 +1670,7 @@ async fn progress_of_a_call_never_held_is_not_shifted() {
 async fn two_held_calls_get_their_own_questions_and_answers() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
     let mut others = Vec::new();
 
     proxy
@@ -1896,16 +1720,15 @@ async fn default_channels_without_a_guard_service_ask_the_host() {
     let config = fx.config(&[], json!({}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Approve);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
         .expect("approved in the host");
     assert_eq!(first_text(&deployed), "deployed api to production");
     assert_eq!(log.elicitations().len(), 1, "{:?}", log.elicitations());
-    assert!(fx.listed().await.is_empty(), "the local queue was used too");
+    let (queued, listing) = fx.list().await;
+    assert!(queued.is_empty(), "the local queue was used too: {listing}");
     client.close().await;
     assert_eq!(fx.server_tools(), ["deploy_service"]);
 }
@@ -1916,9 +1739,7 @@ async fn monitor_mode_never_asks_the_host() {
     let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
     let host = TestClient::new().with_elicit(ElicitAnswer::Decline);
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
+    let client = fx.connect(host, &config, Era::Legacy).await;
     let deployed = client
         .call_tool(call_params("deploy_service", prod()))
         .await
@@ -1937,16 +1758,7 @@ async fn modern_monitor_mode_never_answers_input_required() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"mode": "monitor"}));
     let mut proxy = fx.raw(&config);
-    proxy
-        .send(&mcall(
-            "m",
-            "deploy_service",
-            prod(),
-            eliciting(),
-            json!({}),
-        ))
-        .await;
-    let response = proxy.recv_until_id("m").await;
+    let response = call_eliciting(&mut proxy, "m", "deploy_service", prod(), json!({})).await;
     assert_eq!(
         result_text(&response),
         "deployed api to production",
@@ -1960,8 +1772,7 @@ async fn modern_monitor_mode_never_answers_input_required() {
 async fn a_call_waiting_on_the_host_counts_toward_max_pending_calls() {
     let fx = Fixture::new();
     let config = fx.config(&["elicitation"], json!({"maxPendingCalls": 1}));
-    let mut proxy = fx.raw(&config);
-    handshake(&mut proxy, "2025-11-25", json!({"elicitation": {}}), true).await;
+    let mut proxy = fx.raw_eliciting(&config).await;
     let mut others = Vec::new();
 
     proxy
@@ -2027,24 +1838,7 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
     )
     .await;
     // The upstream's own question reaches the host as it asked it.
-    let result = &second["result"];
-    assert_eq!(result["resultType"], "input_required", "{second}");
-    let requests = result["inputRequests"]
-        .as_object()
-        .unwrap_or_else(|| panic!("no inputRequests: {second}"));
-    assert_eq!(
-        requests.keys().collect::<Vec<_>>(),
-        [CONFIRM_KEY],
-        "{second}"
-    );
-    assert_eq!(
-        requests[CONFIRM_KEY]["params"]["message"], "Confirm x?",
-        "{second}"
-    );
-    let upstream_state = result["requestState"]
-        .as_str()
-        .unwrap_or_else(|| panic!("no requestState: {second}"))
-        .to_owned();
+    let upstream_state = assert_upstream_question(&second);
 
     let answer = json!({"action": "accept", "content": {"ok": true}});
     let final_retry = |id: &str| {
@@ -2059,17 +1853,7 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
     proxy.send(&final_retry("c3")).await;
     let third = proxy.recv_until_id("c3").await;
     assert_eq!(result_text(&third), "confirmed x", "{third}");
-    let received = fx.server_params();
-    assert_eq!(received.len(), 2, "{received:?}");
-    assert_eq!(
-        received[1]["requestState"], "example-state.x",
-        "{received:?}"
-    );
-    assert_eq!(
-        received[1]["inputResponses"],
-        json!({CONFIRM_KEY: answer}),
-        "{received:?}"
-    );
+    assert_upstream_got_its_round(&fx, &answer);
 
     // The same retry once more: refused, or asked again; never forwarded.
     proxy.send(&final_retry("c4")).await;
@@ -2080,16 +1864,14 @@ async fn upstream_input_required_after_approval_is_not_a_reusable_pass() {
         assert_input_required(&replayed, "confirm");
     }
     // And with other arguments: not this call's approval either.
-    proxy
-        .send(&mcall(
-            "c5",
-            "confirm",
-            json!({"text": "y"}),
-            eliciting(),
-            retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
-        ))
-        .await;
-    let other = proxy.recv_until_id("c5").await;
+    let other = call_eliciting(
+        &mut proxy,
+        "c5",
+        "confirm",
+        json!({"text": "y"}),
+        retry_with(CONFIRM_KEY, answer.clone(), &upstream_state),
+    )
+    .await;
     if other.get("error").is_some() {
         assert_not_approved(&other, "confirm", "approval_denied", "rejected");
     } else {
@@ -2114,20 +1896,8 @@ async fn elicitation_error_reply_with_no_other_channel_is_refused() {
         message: "Method not found".to_owned(),
     });
     let log = host.log();
-    let client = connect(host, fx.command(&config), Era::Legacy)
-        .await
-        .expect("connect through the proxy");
-    let refused = mcp_error(
-        client
-            .call_tool(call_params("deploy_service", prod()))
-            .await,
-    );
-    let data = assert_not_approved(
-        &as_response(&refused),
-        "deploy_service",
-        "approval_denied",
-        "rejected",
-    );
+    let client = fx.connect(host, &config, Era::Legacy).await;
+    let data = deploy_refused(&client, "approval_denied", "rejected").await;
     assert!(
         data["reason"]
             .as_str()

@@ -13,7 +13,6 @@
 //! (held for a human).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -21,7 +20,9 @@ use serde_json::{Value, json};
 use crate::util::apie::{
     self, ApieServer, EVALUATE, EVENTS, IDENTIFY, Reply, approval_path, cancel_path, wait_path,
 };
-use crate::util::{self, RawSession, is_response, proxy_bin, result_text, sorted_sha256};
+use crate::util::{
+    self, RawSession, assert_not_approved, finish, is_response, result_text, sorted_sha256,
+};
 
 const WAIT: Duration = util::DEFAULT_RECV_TIMEOUT;
 /// The API key the proxies get in `APIE_API_KEY`.
@@ -85,10 +86,6 @@ impl Fixture {
         }
     }
 
-    fn state_dir(&self) -> PathBuf {
-        self.path().join("state")
-    }
-
     /// An enforce-mode config in front of the example server (logging its calls), auditing to
     /// the scratch directory, with the guard service at this fixture's fake (2 s request
     /// timeout, a circuit breaker that does not trip unless a test says so); `extra` is merged
@@ -118,24 +115,10 @@ impl Fixture {
         util::write_config(self.path(), config)
     }
 
-    /// `apie-mcp --config <config>` in the scratch directory with its own state directory, no
-    /// `APIE_API_KEY` and no `APIE_MCP_CONFIG` (add the key with `.env`).
-    fn builder(&self, config: &Path) -> util::SessionBuilder {
-        RawSession::builder(proxy_bin())
-            .arg("--config")
-            .arg(config)
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_BASE_URL")
-            .env_remove("APIE_MCP_CONFIG")
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
-            .current_dir(self.path())
-    }
-
     /// A proxy with [`KEY`] through the legacy handshake (no client capabilities).
     async fn start_with(&self, config: &Path, args: &[&str]) -> RawSession {
         let mut proxy = self
-            .builder(config)
+            .proxy_builder(config)
             .args(args)
             .env("APIE_API_KEY", KEY)
             .spawn();
@@ -149,21 +132,16 @@ impl Fixture {
         self.start_with(&config, &[]).await
     }
 
-    /// Waits (bounded) for the one audit line of the call with host id `id`.
-    async fn audit_of(&self, id: impl Into<Value>) -> Value {
-        let id = id.into();
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let lines = self.audit();
-            let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
-            match mine.as_slice() {
-                [one] => return (*one).clone(),
-                [] if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                other => panic!("expected one audit line for request {id}, got {other:?}"),
-            }
-        }
+    /// Asserts the service was never asked about an approval (no `/v1/approvals…` request).
+    fn assert_no_approval_requests(&self) {
+        assert!(
+            self.apie
+                .all_requests()
+                .iter()
+                .all(|r| !r.path.starts_with("/v1/approvals")),
+            "the service was asked about an approval: {:?}",
+            self.apie.summary()
+        );
     }
 
     /// The evaluate request bodies received so far.
@@ -174,57 +152,6 @@ impl Fixture {
             .map(apie::Recorded::json)
             .collect()
     }
-
-    /// `apie-mcp approvals args…` sharing the proxy's state directory: (exit code, stdout).
-    async fn approvals_cli(&self, args: &[&str]) -> (Option<i32>, String) {
-        let run = tokio::process::Command::new(proxy_bin())
-            .arg("approvals")
-            .args(args)
-            .env("APIE_MCP_STATE_DIR", self.state_dir())
-            .env_remove("APIE_MCP_CONFIG")
-            .env_remove("APIE_API_KEY")
-            .env_remove("APIE_BASE_URL")
-            .current_dir(self.path())
-            .kill_on_drop(true)
-            .output();
-        let out = tokio::time::timeout(WAIT, run)
-            .await
-            .expect("apie-mcp approvals finished")
-            .expect("run apie-mcp approvals");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
-    }
-
-    /// Waits (bounded) until `approvals list` shows one held call; returns its id.
-    async fn held_locally(&self, proxy: &RawSession) -> String {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let (code, stdout) = self.approvals_cli(&["list"]).await;
-            assert_eq!(code, Some(0), "approvals list: {stdout}");
-            let ids: Vec<&str> = stdout
-                .lines()
-                .filter(|l| l.starts_with("apr_"))
-                .filter_map(|l| l.split_whitespace().next())
-                .collect();
-            if let [id] = ids.as_slice() {
-                return (*id).to_owned();
-            }
-            assert!(
-                ids.is_empty() && Instant::now() < deadline,
-                "expected one locally held call, `approvals list` says:\n{stdout}\n--- proxy stderr ---\n{}",
-                proxy.stderr_text()
-            );
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    }
-}
-
-/// Closes the host's stdin and waits (bounded) for the proxy to exit.
-async fn finish(mut proxy: RawSession) -> ExitStatus {
-    proxy.close_stdin();
-    proxy.wait_exit(WAIT).await
 }
 
 /// How many stderr lines of the proxy say "configuration error".
@@ -288,21 +215,6 @@ fn assert_blocked(response: &Value, tool: &str) -> Value {
     data.clone()
 }
 
-/// Asserts the -32002 refusal with `kind` and `status`; returns `error.data`.
-fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
-    let error = &response["error"];
-    assert_eq!(error["code"], -32002, "{response}");
-    assert_eq!(
-        error["message"],
-        format!("Action not approved: {status}"),
-        "{response}"
-    );
-    let data = &error["data"];
-    assert_eq!(data["kind"], kind, "{response}");
-    assert_eq!(data["status"], status, "{response}");
-    data.clone()
-}
-
 /// Asserts the answer of a guard failure under `failure_mode` (`fail_closed` or `throw`) for
 /// `tool`: code, message, `data.kind` and `data.failure`; returns `error.data`.
 fn assert_unavailable(response: &Value, failure_mode: &str, failure: &str, tool: &str) -> Value {
@@ -338,6 +250,49 @@ fn assert_unavailable(response: &Value, failure_mode: &str, failure: &str, tool:
     data.clone()
 }
 
+/// A legacy `deploy_service` call with [`prod`] that asks for progress under `token`.
+fn deploy_with_progress(id: &str, token: &str) -> Value {
+    util::request(
+        id,
+        "tools/call",
+        json!({
+            "name": "deploy_service",
+            "arguments": prod(),
+            "_meta": {"progressToken": token},
+        }),
+    )
+}
+
+/// Asserts `request` to the service carries [`KEY`] as its bearer token and a JSON body.
+fn assert_keyed_json(request: &apie::Recorded) {
+    assert_eq!(
+        request.header("authorization"),
+        Some(format!("Bearer {KEY}").as_str()),
+        "{request:?}"
+    );
+    assert!(
+        request
+            .header("content-type")
+            .is_some_and(|t| t.starts_with("application/json")),
+        "{request:?}"
+    );
+}
+
+/// Sends a `deploy_service` call that the service holds on `approval`; returns once the proxy
+/// long-polls for it, with the `/wait` requests so far.
+async fn held_on_the_service(
+    fx: &Fixture,
+    proxy: &mut RawSession,
+    id: &str,
+    approval: &str,
+) -> Vec<apie::Recorded> {
+    fx.apie.script_evaluate(Reply::require_approval(approval));
+    proxy
+        .send(&util::legacy_call(id, "deploy_service", prod()))
+        .await;
+    fx.apie.wait_for(&wait_path(approval), 1).await
+}
+
 /// The response (by id) once it arrives, asserting that `other` has not been answered first.
 async fn recv_before(proxy: &mut RawSession, id: &str, other: &str) -> Value {
     let response = proxy.recv_until_id(id).await;
@@ -366,17 +321,7 @@ async fn identify_is_sent_once_at_start_with_the_bearer_key() {
     let identify = fx.apie.wait_for(IDENTIFY, 1).await;
     let request = &identify[0];
     assert_eq!(request.method, "POST");
-    assert_eq!(
-        request.header("authorization"),
-        Some(format!("Bearer {KEY}").as_str()),
-        "{request:?}"
-    );
-    assert!(
-        request
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{request:?}"
-    );
+    assert_keyed_json(request);
     assert_eq!(
         request.json(),
         json!({
@@ -394,17 +339,7 @@ async fn identify_is_sent_once_at_start_with_the_bearer_key() {
 
     let echoed = proxy.call_tool(1, "echo", json!({"text": "hi"})).await;
     assert_eq!(result_text(&echoed), "hi", "{echoed}");
-    let evaluate = &fx.apie.requests(EVALUATE)[0];
-    assert_eq!(
-        evaluate.header("authorization"),
-        Some(format!("Bearer {KEY}").as_str())
-    );
-    assert!(
-        evaluate
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{evaluate:?}"
-    );
+    assert_keyed_json(&fx.apie.requests(EVALUATE)[0]);
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.apie.count(IDENTIFY), 1, "{:?}", fx.apie.summary());
 }
@@ -414,7 +349,7 @@ async fn a_custom_api_key_env_names_the_key() {
     let fx = Fixture::new().await;
     let config = fx.config(json!({"mode": "monitor", "guard": {"apiKeyEnv": "ACME_APIE_TOKEN"}}));
     let mut proxy = fx
-        .builder(&config)
+        .proxy_builder(&config)
         .env("ACME_APIE_TOKEN", "sk_custom_1")
         .env("APIE_API_KEY", "sk_not_this_one")
         .spawn();
@@ -471,7 +406,7 @@ async fn without_a_key_the_service_is_never_used() {
     ];
     for (i, (case, key, extra)) in cases.into_iter().enumerate() {
         let config = fx.config(extra);
-        let mut builder = fx.builder(&config);
+        let mut builder = fx.proxy_builder(&config);
         if let Some(key) = key {
             builder = builder.env("APIE_API_KEY", key);
         }
@@ -519,7 +454,7 @@ async fn apie_base_url_is_used_when_the_config_has_none() {
     fx.apie.set_evaluate_default(Reply::decision("block"));
     let config = fx.config(json!({"guard": {"baseUrl": null}}));
     let mut proxy = fx
-        .builder(&config)
+        .proxy_builder(&config)
         .env("APIE_API_KEY", KEY)
         // A trailing slash is harmless.
         .env("APIE_BASE_URL", format!("{}/", fx.apie.url()))
@@ -899,14 +834,7 @@ async fn every_decision_spelling_in_enforce_mode() {
     }
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_calls(), forwarded);
-    assert!(
-        fx.apie
-            .all_requests()
-            .iter()
-            .all(|r| !r.path.starts_with("/v1/approvals")),
-        "{:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -948,14 +876,7 @@ async fn every_decision_spelling_in_monitor_mode_forwards() {
     assert!(fx.evaluations().iter().all(|b| b["mode"] == "monitor"));
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert_eq!(fx.server_calls(), forwarded);
-    assert!(
-        fx.apie
-            .all_requests()
-            .iter()
-            .all(|r| !r.path.starts_with("/v1/approvals")),
-        "monitor mode waited on an approval: {:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1672,16 +1593,7 @@ async fn events_are_posted_with_the_listed_types_by_shutdown() {
         fx.apie.summary()
     );
     for request in &requests {
-        assert_eq!(
-            request.header("authorization"),
-            Some(format!("Bearer {KEY}").as_str())
-        );
-        assert!(
-            request
-                .header("content-type")
-                .is_some_and(|t| t.starts_with("application/json")),
-            "{request:?}"
-        );
+        assert_keyed_json(request);
         assert!(
             !request.body.contains("hunter2"),
             "an argument left in an event: {}",
@@ -1890,12 +1802,7 @@ fn guard_channel(extra: Value) -> Value {
 async fn guard_approval_approved_through_the_long_poll() {
     let fx = Fixture::new().await;
     let mut proxy = fx.start(guard_channel(json!({}))).await;
-    fx.apie
-        .script_evaluate(Reply::require_approval("apr_svc_1"));
-    proxy
-        .send(&util::legacy_call("d1", "deploy_service", prod()))
-        .await;
-    let waits = fx.apie.wait_for(&wait_path("apr_svc_1"), 1).await;
+    let waits = held_on_the_service(&fx, &mut proxy, "d1", "apr_svc_1").await;
     let timeout: u64 = waits[0]
         .query_param("timeout")
         .and_then(|t| t.parse().ok())
@@ -2081,17 +1988,7 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
     }
     let cancels = fx.apie.wait_for(&cancel_path("apr_slow"), 1).await;
     assert_eq!(cancels[0].method, "POST");
-    assert_eq!(
-        cancels[0].header("authorization"),
-        Some(format!("Bearer {KEY}").as_str())
-    );
-    assert!(
-        cancels[0]
-            .header("content-type")
-            .is_some_and(|t| t.starts_with("application/json")),
-        "{:?}",
-        cancels[0]
-    );
+    assert_keyed_json(&cancels[0]);
     let line = fx.audit_of("t1").await;
     assert_eq!(line["outcome"], "denied", "{line}");
     assert_eq!(line["status"], "timeout", "{line}");
@@ -2125,12 +2022,7 @@ async fn guard_approval_timeout_cancels_the_remote_approval() {
 async fn host_cancel_of_a_call_held_on_a_service_approval() {
     let fx = Fixture::new().await;
     let mut proxy = fx.start(guard_channel(json!({}))).await;
-    fx.apie
-        .script_evaluate(Reply::require_approval("apr_host_cancel"));
-    proxy
-        .send(&util::legacy_call("c1", "deploy_service", prod()))
-        .await;
-    fx.apie.wait_for(&wait_path("apr_host_cancel"), 1).await;
+    held_on_the_service(&fx, &mut proxy, "c1", "apr_host_cancel").await;
     proxy
         .send(&util::notification(
             "notifications/cancelled",
@@ -2168,9 +2060,9 @@ async fn require_approval_without_an_id_falls_through_to_the_local_channel() {
     proxy
         .send(&util::legacy_call("l1", "deploy_service", prod()))
         .await;
-    let approval = fx.held_locally(&proxy).await;
-    let (code, stdout) = fx.approvals_cli(&["approve", &approval]).await;
-    assert_eq!(code, Some(0), "{stdout}");
+    let (held, _) = fx.held(1, &proxy).await;
+    let approval = &held[0];
+    fx.answer(&["approve", approval]).await;
     let response = proxy.recv_until_id("l1").await;
     assert_eq!(
         result_text(&response),
@@ -2181,14 +2073,7 @@ async fn require_approval_without_an_id_falls_through_to_the_local_channel() {
     assert_eq!(line["outcome"], "approved", "{line}");
     assert_eq!(line["approvalId"], approval.as_str(), "{line}");
     assert_eq!(finish(proxy).await.code(), Some(0));
-    assert!(
-        !fx.apie
-            .all_requests()
-            .iter()
-            .any(|r| r.path.starts_with("/v1/approvals")),
-        "{:?}",
-        fx.apie.summary()
-    );
+    fx.assert_no_approval_requests();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -2220,17 +2105,7 @@ async fn a_held_call_with_a_progress_token_gets_progress() {
     let mut proxy = fx.start(guard_channel(json!({}))).await;
     fx.apie
         .script_evaluate(Reply::require_approval("apr_progress"));
-    proxy
-        .send(&util::request(
-            "pg",
-            "tools/call",
-            json!({
-                "name": "deploy_service",
-                "arguments": prod(),
-                "_meta": {"progressToken": "pt-1"},
-            }),
-        ))
-        .await;
+    proxy.send(&deploy_with_progress("pg", "pt-1")).await;
     proxy.set_recv_timeout(Duration::from_secs(3));
     let first = proxy.recv().await;
     assert_eq!(first["method"], "notifications/progress", "{first}");
@@ -2307,7 +2182,7 @@ async fn upstream_progress_after_a_held_call_keeps_increasing() {
     let fx = Fixture::new().await;
     let (listener, upstream) = ScriptedUpstream::listen().await;
     let config = fx.config(guard_channel(json!({"upstream": upstream})));
-    let mut proxy = fx.builder(&config).env("APIE_API_KEY", KEY).spawn();
+    let mut proxy = fx.proxy_builder(&config).env("APIE_API_KEY", KEY).spawn();
     let mut server = ScriptedUpstream::accept(listener).await;
 
     // The handshake, through the proxy.
@@ -2348,17 +2223,7 @@ async fn upstream_progress_after_a_held_call_keeps_increasing() {
     // Held, with progress from the proxy.
     fx.apie
         .script_evaluate(Reply::require_approval("apr_shift"));
-    proxy
-        .send(&util::request(
-            "sh",
-            "tools/call",
-            json!({
-                "name": "deploy_service",
-                "arguments": prod(),
-                "_meta": {"progressToken": "pt-shift"},
-            }),
-        ))
-        .await;
+    proxy.send(&deploy_with_progress("sh", "pt-shift")).await;
     let first = proxy.recv().await;
     assert_eq!(first["method"], "notifications/progress", "{first}");
     fx.apie.wait_for(&wait_path("apr_shift"), 1).await;
@@ -2446,11 +2311,7 @@ async fn traffic_flows_while_a_call_waits_on_the_service() {
     assert_eq!(result_text(&held), "3", "{held}");
 
     // Waiting on a service approval.
-    fx.apie.script_evaluate(Reply::require_approval("apr_flow"));
-    proxy
-        .send(&util::legacy_call("held", "deploy_service", prod()))
-        .await;
-    fx.apie.wait_for(&wait_path("apr_flow"), 1).await;
+    held_on_the_service(&fx, &mut proxy, "held", "apr_flow").await;
     proxy
         .send(&util::request("l2", "tools/list", Value::Null))
         .await;

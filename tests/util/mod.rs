@@ -10,6 +10,8 @@
 //! - Config files: [`write_config`].
 //! - rmcp host: [`connect`] spawns a command as an MCP client in either era and
 //!   [`TestClient`] answers elicitation and roots the way a test asks.
+//! - One test's directory: [`Scratch`] (config, audit log, the example server's call log,
+//!   the state directory and the `approvals` CLI over it), plus [`finish`].
 #![allow(dead_code)]
 #![allow(
     deprecated,
@@ -23,7 +25,7 @@ use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rmcp::model::{
     CancelledNotificationParam, ClientCapabilities, ClientConfig, ElicitRequestParams,
@@ -176,6 +178,22 @@ pub fn result_text(response: &Value) -> String {
         .iter()
         .filter_map(|block| block["text"].as_str())
         .collect()
+}
+
+/// Asserts `response` is the -32002 refusal of a held call (`Action not approved: <status>`)
+/// with `data.kind` and `data.status`; returns its `error.data` for the checks a suite adds.
+pub fn assert_not_approved(response: &Value, kind: &str, status: &str) -> Value {
+    let error = &response["error"];
+    assert_eq!(error["code"], -32002, "{response}");
+    assert_eq!(
+        error["message"],
+        format!("Action not approved: {status}"),
+        "{response}"
+    );
+    let data = &error["data"];
+    assert_eq!(data["kind"], kind, "{response}");
+    assert_eq!(data["status"], status, "{response}");
+    data.clone()
 }
 
 /// Whether a `tools/call` response is a result with `isError: true`.
@@ -1118,8 +1136,45 @@ pub fn sorted_sha256(value: &Value) -> String {
         .collect()
 }
 
-/// A temporary directory for one test: the config, the audit log and the example server's call
-/// log (`EXAMPLE_SERVER_LOG`) live here. Test fixtures wrap it.
+// ---------------------------------------------------------------------------
+// One test's directory: config, audit log, state directory, `approvals` CLI
+// ---------------------------------------------------------------------------
+
+/// Closes the host's stdin and waits (bounded) for the proxy to exit.
+pub async fn finish(mut proxy: RawSession) -> ExitStatus {
+    proxy.close_stdin();
+    proxy.wait_exit(DEFAULT_RECV_TIMEOUT).await
+}
+
+/// A running process whose stderr a failed wait shows: a [`RawSession`] or an [`McpClient`].
+pub trait CapturedStderr {
+    /// What the process wrote to stderr so far.
+    fn stderr_text(&self) -> String;
+}
+
+impl CapturedStderr for RawSession {
+    fn stderr_text(&self) -> String {
+        RawSession::stderr_text(self)
+    }
+}
+
+impl<H: ClientHandler> CapturedStderr for McpClient<H> {
+    fn stderr_text(&self) -> String {
+        McpClient::stderr_text(self)
+    }
+}
+
+/// What a run of `apie-mcp approvals …` printed, and how it exited.
+#[derive(Debug)]
+pub struct Answered {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// A temporary directory for one test: the config, the audit log, the example server's call
+/// log (`EXAMPLE_SERVER_LOG`) and the state directory (so the local approval queue) of both the
+/// proxy and the `approvals` CLI live here. Test fixtures wrap it.
 pub struct Scratch {
     dir: tempfile::TempDir,
 }
@@ -1143,6 +1198,98 @@ impl Scratch {
         self.path().join("calls.log")
     }
 
+    /// `APIE_MCP_STATE_DIR` of the proxies [`Self::proxy_builder`] and [`Self::proxy_command`]
+    /// start and of [`Self::approvals`]: the local approval queue lives here.
+    pub fn state_dir(&self) -> PathBuf {
+        self.path().join("state")
+    }
+
+    /// Points `command` at this test: run in [`Self::path`] with [`Self::state_dir`] and an
+    /// `XDG_STATE_HOME` of its own, without `APIE_API_KEY`, `APIE_BASE_URL` or
+    /// `APIE_MCP_CONFIG` (a test adds them back with `.env`).
+    fn scope(&self, command: &mut Command) {
+        command
+            .env_remove("APIE_API_KEY")
+            .env_remove("APIE_BASE_URL")
+            .env_remove("APIE_MCP_CONFIG")
+            .env("APIE_MCP_STATE_DIR", self.state_dir())
+            .env("XDG_STATE_HOME", self.path().join("xdg-state"))
+            .current_dir(self.path());
+    }
+
+    /// `apie-mcp --config <config>` over raw lines, scoped to this test (see [`Self::scope`]);
+    /// not spawned yet, so no handshake either.
+    pub fn proxy_builder(&self, config: &Path) -> SessionBuilder {
+        let mut builder = RawSession::builder(proxy_bin()).arg("--config").arg(config);
+        self.scope(&mut builder.command);
+        builder
+    }
+
+    /// `apie-mcp --config <config>` as a command for an rmcp host ([`connect`]), scoped to this
+    /// test (see [`Self::scope`]).
+    pub fn proxy_command(&self, config: &Path) -> Command {
+        let mut command = proxy_command(["--config".as_ref(), config.as_os_str()]);
+        self.scope(&mut command);
+        command
+    }
+
+    /// `apie-mcp approvals args…`: a second process sharing the proxy's state directory.
+    pub async fn approvals(&self, args: &[&str]) -> Answered {
+        let mut command = Command::new(proxy_bin());
+        command.arg("approvals").args(args).kill_on_drop(true);
+        self.scope(&mut command);
+        let out = tokio::time::timeout(DEFAULT_RECV_TIMEOUT, command.output())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("`apie-mcp approvals {args:?}` still running after {DEFAULT_RECV_TIMEOUT:?}")
+            })
+            .expect("run apie-mcp approvals");
+        Answered {
+            code: out.status.code(),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    /// `approvals list`, asserted to succeed: the ids it lists (in its order) and its output.
+    pub async fn list(&self) -> (Vec<String>, String) {
+        let listed = self.approvals(&["list"]).await;
+        assert_eq!(listed.code, Some(0), "approvals list: {listed:?}");
+        let ids = listed
+            .stdout
+            .lines()
+            .filter(|line| line.starts_with("apr_"))
+            .filter_map(|line| line.split_whitespace().next())
+            .map(str::to_owned)
+            .collect();
+        (ids, listed.stdout)
+    }
+
+    /// Waits (bounded) until `approvals list` shows exactly `n` held calls; returns their ids
+    /// and the listing. The id comes from what a human sees, never from the queue's file names.
+    pub async fn held(&self, n: usize, proxy: &impl CapturedStderr) -> (Vec<String>, String) {
+        let deadline = Instant::now() + DEFAULT_RECV_TIMEOUT;
+        loop {
+            let (ids, text) = self.list().await;
+            if ids.len() == n {
+                return (ids, text);
+            }
+            assert!(
+                ids.len() < n && Instant::now() < deadline,
+                "expected {n} held calls, `approvals list` says:\n{text}\n--- proxy stderr ---\n{}",
+                proxy.stderr_text()
+            );
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// `approvals approve|reject ID …`, asserted to succeed.
+    pub async fn answer(&self, args: &[&str]) -> Answered {
+        let answered = self.approvals(args).await;
+        assert_eq!(answered.code, Some(0), "approvals {args:?}: {answered:?}");
+        answered
+    }
+
     /// The calls the example server received, in order: tool and arguments.
     pub fn server_calls(&self) -> Vec<(String, Value)> {
         let text = std::fs::read_to_string(self.server_log()).unwrap_or_default();
@@ -1158,6 +1305,23 @@ impl Scratch {
     /// The tools the example server was called with, in order.
     pub fn server_tools(&self) -> Vec<String> {
         self.server_calls().into_iter().map(|(t, _)| t).collect()
+    }
+
+    /// The audit line of the call with host id `id`, waiting (bounded) for it to be written.
+    pub async fn audit_of(&self, id: impl Into<Value>) -> Value {
+        let id = id.into();
+        let deadline = Instant::now() + DEFAULT_RECV_TIMEOUT;
+        loop {
+            let lines = self.audit();
+            let mine: Vec<&Value> = lines.iter().filter(|l| l["requestId"] == id).collect();
+            match mine.as_slice() {
+                [one] => return (*one).clone(),
+                [] if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                other => panic!("expected one audit line for request {id}, got {other:?}"),
+            }
+        }
     }
 
     pub fn audit_text(&self) -> String {
