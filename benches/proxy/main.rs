@@ -22,7 +22,8 @@
 //!
 //! Knobs (environment): `APIE_BENCH_SCALE` multiplies every count (default 1);
 //! `APIE_BENCH_ROUNDS` (default 5); `APIE_BENCH_ONLY` a comma list of sections to run
-//! (`seq,pipe,guard,big,startup`); `APIE_BENCH_BIG_MB` (default 32).
+//! (`seq,pipe,guard,big,startup`); `APIE_BENCH_BIG_MB` (default 32); `APIE_BENCH_KEEP=1` keeps
+//! the scratch directory (configs, the processes' stderr) for a look afterwards.
 //!
 //! The helper binaries are the examples `bench_echo` and `bench_relay` of the same profile; the
 //! benchmark builds them with cargo when they are missing or older than their source.
@@ -42,7 +43,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 
 use guard::GuardServer;
-use process::{Launch, Proc, contains, echo_call};
+use process::{Launch, Proc, Usage, contains, echo_call};
 use stats::{Table, fixed, median, micros, percentile, ratio, thousands};
 
 /// Calls in flight in the pipelined workload.
@@ -281,18 +282,33 @@ fn order(ways: &[Way], r: usize) -> Vec<Way> {
     v
 }
 
+#[derive(Default)]
 struct Sequential {
     calls_per_s: Vec<f64>,
     latencies: Vec<u64>,
+    /// CPU µs per call of the middle process (the echo itself when direct), per round.
+    cpu: Vec<f64>,
+    /// Its context switches per call, per round.
+    switches: Vec<f64>,
 }
 
-fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64>) {
+impl Sequential {
+    fn add(&mut self, calls: usize, cps: f64, lat: Vec<u64>, used: Usage) {
+        self.calls_per_s.push(cps);
+        self.latencies.extend(lat);
+        self.cpu.push(used.cpu_ns as f64 / 1000.0 / calls as f64);
+        self.switches.push(used.switches as f64 / calls as f64);
+    }
+}
+
+fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64>, Usage) {
     let mut p = Proc::spawn(&b.launch(way));
     p.handshake();
     for i in 0..warmup {
         p.echo(1_000_000 + i as u64);
     }
     let mut lat = Vec::with_capacity(calls);
+    let before = p.usage();
     let start = Instant::now();
     for i in 0..calls {
         let t = Instant::now();
@@ -300,11 +316,12 @@ fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64
         lat.push(t.elapsed().as_nanos() as u64);
     }
     let total = start.elapsed();
+    let used = p.usage().since(before);
     p.finish();
-    (calls as f64 / total.as_secs_f64(), lat)
+    (calls as f64 / total.as_secs_f64(), lat, used)
 }
 
-fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> f64 {
+fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Usage) {
     let mut p = Proc::spawn(&b.launch(way));
     p.handshake();
     for i in 0..warmup {
@@ -324,6 +341,7 @@ fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> f64 {
         }
         stdin
     });
+    let before = p.usage();
     let start = Instant::now();
     for _ in 0..WINDOW {
         let _ = credit.send(());
@@ -339,9 +357,10 @@ fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> f64 {
         let _ = credit.send(());
     }
     let total = start.elapsed();
+    let used = p.usage().since(before);
     p.give_stdin(writer.join().expect("writer"));
     p.finish();
-    calls as f64 / total.as_secs_f64()
+    (calls as f64 / total.as_secs_f64(), used)
 }
 
 struct Big {
@@ -489,13 +508,8 @@ fn main() {
         let mut res: HashMap<Way, Sequential> = HashMap::new();
         for r in 0..s.rounds {
             for way in order(&ways, r) {
-                let (cps, lat) = sequential(&b, way, s.warmup, s.seq_calls);
-                let e = res.entry(way).or_insert(Sequential {
-                    calls_per_s: vec![],
-                    latencies: vec![],
-                });
-                e.calls_per_s.push(cps);
-                e.latencies.extend(lat);
+                let (cps, lat, used) = sequential(&b, way, s.warmup, s.seq_calls);
+                res.entry(way).or_default().add(s.seq_calls, cps, lat, used);
             }
         }
         println!("\n== sequential tools/call round trips, local rules only ==");
@@ -505,6 +519,8 @@ fn main() {
             "p50 µs",
             "p99 µs",
             "rounds calls/s min..max",
+            "CPU µs/call",
+            "switches/call",
         ]);
         let mut fig = HashMap::new();
         for way in ways {
@@ -522,6 +538,8 @@ fn main() {
                 fixed(p50, 1),
                 fixed(p99, 1),
                 format!("{}..{}", thousands(lo), thousands(hi)),
+                fixed(median(&e.cpu), 1),
+                fixed(median(&e.switches), 1),
             ]);
         }
         for (name, base) in [("proxy/relay", Way::Relay), ("proxy/direct", Way::Direct)] {
@@ -555,14 +573,30 @@ fn main() {
     if s.runs("pipe") {
         let ways = [Way::Direct, Way::Relay, Way::Proxy, Way::ProxyNoAudit];
         let mut res: HashMap<Way, Vec<f64>> = HashMap::new();
+        let mut cpu: HashMap<Way, Vec<f64>> = HashMap::new();
+        let mut switches: HashMap<Way, Vec<f64>> = HashMap::new();
         for r in 0..s.rounds {
             for way in order(&ways, r) {
-                let cps = pipelined(&b, way, s.warmup, s.pipe_calls);
+                let (cps, used) = pipelined(&b, way, s.warmup, s.pipe_calls);
                 res.entry(way).or_default().push(cps);
+                let calls = s.pipe_calls as f64;
+                cpu.entry(way)
+                    .or_default()
+                    .push(used.cpu_ns as f64 / 1000.0 / calls);
+                switches
+                    .entry(way)
+                    .or_default()
+                    .push(used.switches as f64 / calls);
             }
         }
         println!("\n== pipelined tools/call, {WINDOW} in flight, local rules only ==");
-        let mut t = Table::new(&["way", "calls/s", "rounds min..max"]);
+        let mut t = Table::new(&[
+            "way",
+            "calls/s",
+            "rounds min..max",
+            "CPU µs/call",
+            "switches/call",
+        ]);
         let fig: HashMap<Way, f64> = ways.iter().map(|w| (*w, median(&res[w]))).collect();
         for way in ways {
             let v = &res[&way];
@@ -572,6 +606,8 @@ fn main() {
                 way.label().into(),
                 thousands(fig[&way]),
                 format!("{}..{}", thousands(lo), thousands(hi)),
+                fixed(median(&cpu[&way]), 1),
+                fixed(median(&switches[&way]), 2),
             ]);
         }
         t.row(vec![
@@ -612,19 +648,16 @@ fn main() {
         for r in 0..s.rounds {
             for way in order(&ways, r) {
                 let before = b.guard.snapshot();
-                let (cps, lat) = sequential(&b, way, s.warmup, s.guard_calls);
+                let (cps, lat, used) = sequential(&b, way, s.warmup, s.guard_calls);
                 let after = b.guard.snapshot().since(before);
                 let c = counts.entry(way).or_default();
                 c.connections += after.connections;
                 c.evaluate += after.evaluate;
                 c.identify += after.identify;
                 c.events += after.events;
-                let e = res.entry(way).or_insert(Sequential {
-                    calls_per_s: vec![],
-                    latencies: vec![],
-                });
-                e.calls_per_s.push(cps);
-                e.latencies.extend(lat);
+                res.entry(way)
+                    .or_default()
+                    .add(s.guard_calls, cps, lat, used);
             }
             http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls));
         }
@@ -645,6 +678,7 @@ fn main() {
             "evaluate/call",
             "other requests/run",
             "connections/run",
+            "CPU µs/call",
         ]);
         let mut fig = HashMap::new();
         for way in ways {
@@ -681,6 +715,7 @@ fn main() {
                 } else {
                     "-".into()
                 },
+                fixed(median(&e.cpu), 1),
             ]);
         }
         let http50 = micros(percentile(&http, 50.0));
@@ -884,5 +919,9 @@ fn main() {
         load(),
         began.elapsed().as_secs_f64()
     );
-    let _ = std::fs::remove_dir_all(&dir);
+    if std::env::var_os("APIE_BENCH_KEEP").is_some() {
+        println!("scratch directory kept: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -154,6 +154,11 @@ impl Proc {
         peak_rss(self.pid)
     }
 
+    /// CPU time and context switches of all the process's threads so far.
+    pub fn usage(&self) -> Usage {
+        usage(self.pid)
+    }
+
     /// Separates the writing half, for pipelined runs.
     pub fn take_stdin(&mut self) -> ChildStdin {
         self.stdin.take().expect("stdin is open")
@@ -207,4 +212,54 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
+}
+
+/// What a process has used so far, summed over its live threads.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    /// On-CPU time, ns (`/proc/<pid>/task/*/schedstat`).
+    pub cpu_ns: u64,
+    /// Voluntary and involuntary context switches.
+    pub switches: u64,
+}
+
+impl Usage {
+    pub fn since(self, before: Usage) -> Usage {
+        Usage {
+            cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+pub fn usage(pid: u32) -> Usage {
+    let mut u = Usage::default();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return u;
+    };
+    for task in tasks.flatten() {
+        let dir = task.path();
+        if let Ok(stat) = std::fs::read_to_string(dir.join("schedstat"))
+            && let Some(ns) = stat
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            u.cpu_ns += ns;
+        }
+        if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
+            for line in status.lines() {
+                if line.starts_with("voluntary_ctxt_switches")
+                    || line.starts_with("nonvoluntary_ctxt_switches")
+                {
+                    u.switches += line
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .unwrap_or(0);
+                }
+            }
+        }
+    }
+    u
 }

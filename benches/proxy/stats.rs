@@ -63,7 +63,10 @@ impl Table {
         let mut out = String::new();
         for row in std::iter::once(&self.header).chain(&self.rows) {
             let mut line = String::new();
-            for (i, cell) in row.iter().enumerate().take(cols) {
+            // A short row leaves its last columns empty.
+            let empty = String::new();
+            let cells = row.iter().chain(std::iter::repeat(&empty));
+            for (i, cell) in cells.enumerate().take(cols) {
                 let pad = width[i] - cell.chars().count();
                 if i == 0 {
                     line.push_str(cell);
