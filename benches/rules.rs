@@ -17,7 +17,10 @@
 //! - `rules/guard`: [`Guard::evaluate`], what the proxy runs per call on the local path: tool
 //!   facts ([`ToolCatalog::describe`]), then the rules, then `riskDefaults`;
 //! - `per_call`: the other per-call work of the local path, for scale: the strict parse of
-//!   `tools/call` params and the SHA-256 of the arguments (audit log, approvals, the service).
+//!   `tools/call` params and the SHA-256 of the arguments (audit log, approvals, the service);
+//! - `startup`: compiling 21 rules, a part of the proxy's start-up. The first
+//!   [`ToolCatalog::new`] of the process also compiles the tool-name inference table once; that
+//!   one-off cost is printed before the benchmarks run.
 
 use std::time::Duration;
 
@@ -116,6 +119,13 @@ fn guard(n: usize, regex: bool) -> Guard {
 }
 
 fn rule_set(c: &mut Criterion) {
+    let t = std::time::Instant::now();
+    let first = ToolCatalog::new("bench", None, vec![]).expect("catalog");
+    eprintln!(
+        "first ToolCatalog::new (compiles the inference RegexSet): {:.2} ms",
+        t.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(first);
     let catalog = ToolCatalog::new("bench", None, vec![]).expect("catalog");
     let tool = catalog.describe("echo");
     let args = arguments();
@@ -178,6 +188,22 @@ fn per_call(c: &mut Criterion) {
     group.finish();
 }
 
+fn startup(c: &mut Criterion) {
+    let mut group = c.benchmark_group("startup");
+    for regex in [false, true] {
+        let raw: Vec<RawRule> = serde_json::from_value(policies(21, regex)).expect("rules");
+        let name = if regex {
+            "compile_21_regex"
+        } else {
+            "compile_21_plain"
+        };
+        group.bench_function(name, |b| {
+            b.iter(|| RuleSet::compile(std::hint::black_box(raw.clone())).expect("compile"))
+        });
+    }
+    group.finish();
+}
+
 fn config() -> Criterion {
     let scale: f64 = std::env::var("APIE_BENCH_SCALE")
         .ok()
@@ -194,6 +220,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = rule_set, guard_evaluate, per_call
+    targets = rule_set, guard_evaluate, per_call, startup
 }
 criterion_main!(benches);
