@@ -23,7 +23,9 @@
 //! Knobs (environment): `APIE_BENCH_SCALE` multiplies every count (default 1);
 //! `APIE_BENCH_ROUNDS` (default 5); `APIE_BENCH_ONLY` a comma list of sections to run
 //! (`seq,pipe,guard,big,startup`); `APIE_BENCH_BIG_MB` (default 32); `APIE_BENCH_KEEP=1` keeps
-//! the scratch directory (configs, the processes' stderr) for a look afterwards.
+//! the scratch directory (configs, the processes' stderr) for a look afterwards;
+//! `APIE_BENCH_PROXY=PATH` measures another build of the proxy (say, of another branch) in place
+//! of the one cargo just built.
 //!
 //! The helper binaries are the examples `bench_echo` and `bench_relay` of the same profile; the
 //! benchmark builds them with cargo when they are missing or older than their source.
@@ -467,7 +469,9 @@ fn main() {
     let mut b = Bench {
         echo: example("bench_echo"),
         relay: example("bench_relay"),
-        proxy: PathBuf::from(env!("CARGO_BIN_EXE_apie-mcp")),
+        proxy: std::env::var_os("APIE_BENCH_PROXY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_apie-mcp"))),
         guard: GuardServer::start(),
         configs: HashMap::new(),
         dir: dir.clone(),
@@ -483,6 +487,9 @@ fn main() {
     }
     let began = Instant::now();
     println!("apie-mcp proxy benchmark (commit {})", git_head());
+    if std::env::var_os("APIE_BENCH_PROXY").is_some() {
+        println!("proxy binary: {}", b.proxy.display());
+    }
     println!("machine: {}", machine());
     println!("load average at start: {}", load());
     println!(
