@@ -1,0 +1,934 @@
+//! The proxy benchmark (issue #4): the same workloads driven three ways, alternating.
+//!
+//! ```sh
+//! cargo bench --bench proxy                         # everything, a few minutes
+//! APIE_BENCH_SCALE=0.1 cargo bench --bench proxy    # a quick look
+//! ```
+//!
+//! The three ways to reach the same upstream (`examples/bench_echo.rs`, a minimal fast echo
+//! server, so the middle is what is measured):
+//! - **direct**: the host talks to `bench_echo` itself;
+//! - **relay**: through `examples/bench_relay.rs`, a zero-work byte relay: the physical floor of
+//!   having any process in between;
+//! - **proxy**: through `apie-mcp` in enforce mode with 21 local rules (20 that do not match the
+//!   call, some of them regexes, and one `allow` that does) and the audit log on, as it is by
+//!   default. `proxy (no audit)` is the same with `audit: false`.
+//!
+//! Workloads: sequential `tools/call` round trips, pipelined calls (16 in flight), the guard
+//! service path (a local HTTP guard that answers at once), a 32 MiB tool result, and start-up.
+//! Each workload runs in rounds; every round runs every way once, in an order rotated from round
+//! to round, so that drift of the machine (other work, frequency, caches) falls on all ways
+//! alike. Every run starts fresh processes and warms them up before measuring.
+//!
+//! Knobs (environment): `APIE_BENCH_SCALE` multiplies every count (default 1);
+//! `APIE_BENCH_ROUNDS` (default 5); `APIE_BENCH_ONLY` a comma list of sections to run
+//! (`seq,pipe,guard,big,startup`); `APIE_BENCH_BIG_MB` (default 32); `APIE_BENCH_KEEP=1` keeps
+//! the scratch directory (configs, the processes' stderr) for a look afterwards;
+//! `APIE_BENCH_PROXY=PATH` measures another build of the proxy (say, of another branch) in place
+//! of the one cargo just built.
+//!
+//! The helper binaries are the examples `bench_echo` and `bench_relay` of the same profile; the
+//! benchmark builds them with cargo when they are missing or older than their source.
+
+#![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
+
+mod guard;
+mod process;
+mod stats;
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use guard::GuardServer;
+use process::{Launch, Proc, Usage, contains, echo_call};
+use stats::{Table, fixed, median, micros, percentile, ratio, thousands};
+
+/// Calls in flight in the pipelined workload.
+const WINDOW: usize = 16;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Way {
+    Direct,
+    Relay,
+    Proxy,
+    ProxyNoAudit,
+    ProxyGuard,
+    ProxyGuardEvents,
+}
+
+impl Way {
+    fn label(self) -> &'static str {
+        match self {
+            Way::Direct => "direct",
+            Way::Relay => "relay",
+            Way::Proxy => "proxy",
+            Way::ProxyNoAudit => "proxy (no audit)",
+            Way::ProxyGuard => "proxy + guard",
+            Way::ProxyGuardEvents => "proxy + guard + events",
+        }
+    }
+}
+
+struct Settings {
+    rounds: usize,
+    warmup: usize,
+    seq_calls: usize,
+    pipe_calls: usize,
+    guard_calls: usize,
+    big_reps: usize,
+    big_bytes: usize,
+    startup_reps: usize,
+    only: Option<Vec<String>>,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
+        let scale: f64 = var("APIE_BENCH_SCALE")
+            .map(|v| v.parse().expect("APIE_BENCH_SCALE is a number"))
+            .unwrap_or(1.0);
+        let n = |base: usize| ((base as f64 * scale).round() as usize).max(1);
+        Settings {
+            rounds: var("APIE_BENCH_ROUNDS")
+                .map(|v| v.parse().expect("APIE_BENCH_ROUNDS is a count"))
+                .unwrap_or(5)
+                .max(1),
+            warmup: n(300),
+            seq_calls: n(4000),
+            pipe_calls: n(20000),
+            guard_calls: n(2000),
+            big_reps: n(3),
+            big_bytes: var("APIE_BENCH_BIG_MB")
+                .map(|v| v.parse::<usize>().expect("APIE_BENCH_BIG_MB is a count"))
+                .unwrap_or(32)
+                << 20,
+            startup_reps: n(40),
+            only: var("APIE_BENCH_ONLY")
+                .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect()),
+        }
+    }
+
+    fn runs(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == section))
+    }
+}
+
+/// The binaries, the scratch directory and the guard.
+struct Bench {
+    echo: PathBuf,
+    relay: PathBuf,
+    proxy: PathBuf,
+    dir: PathBuf,
+    guard: GuardServer,
+    configs: HashMap<Way, PathBuf>,
+}
+
+impl Bench {
+    fn launch(&self, way: Way) -> Launch {
+        let echo = self.echo.clone().into_os_string();
+        let stderr = self.dir.join(format!("{:?}.stderr", way).to_lowercase());
+        let (program, args, env) = match way {
+            Way::Direct => (self.echo.clone(), vec![], vec![]),
+            Way::Relay => (self.relay.clone(), vec![echo], vec![]),
+            _ => {
+                let config = self.configs[&way].clone().into_os_string();
+                let mut env = vec![(
+                    "APIE_MCP_STATE_DIR".to_owned(),
+                    self.dir.join("state").display().to_string(),
+                )];
+                if matches!(way, Way::ProxyGuard | Way::ProxyGuardEvents) {
+                    env.push(("APIE_API_KEY".to_owned(), "bench-key".to_owned()));
+                }
+                let args = vec![OsString::from("--config"), config, "--".into(), echo];
+                (self.proxy.clone(), args, env)
+            }
+        };
+        Launch {
+            program,
+            args,
+            env,
+            stderr,
+        }
+    }
+}
+
+// === configuration ===
+
+/// The 20 rules that do not match an `echo` call: half of them are skipped on the tool name,
+/// half match the name and fail on a condition (four of those on a regex), so the engine does
+/// real work on every call.
+fn rules_that_do_not_match() -> Vec<Value> {
+    let by_name = [
+        "*delete*",
+        "*remove*",
+        "stripe.*refund*",
+        "*deploy*",
+        "github.*merge*",
+        "*drop_table*",
+        "shell.*",
+        "*secret*",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, verb)| {
+        json!({"name": format!("name-{i}"), "verbMatchers": [{"type": "verb", "value": verb}],
+               "action": {"type": "block"}, "reason": "not from agents"})
+    });
+    let by_risk = ["high", "critical"].iter().map(|risk| {
+        json!({"name": format!("risk-{risk}"), "verbMatchers": [{"type": "riskLevel", "value": risk}],
+               "action": {"type": "require_approval"}})
+    });
+    let conditions = [
+        json!({"field": "args.path", "operator": "matches", "value": "^/etc/(passwd|shadow)"}),
+        json!({"field": "args.path", "operator": "matches", "value": "(?i)\\.(pem|key|p12)$"}),
+        json!({"field": "args.message", "operator": "matches", "value": "(?i)drop\\s+table"}),
+        json!({"field": "args.path", "operator": "matches", "value": "^/home/[^/]+/\\.ssh/"}),
+        json!({"field": "args.path", "operator": "starts_with", "value": "/root"}),
+        json!({"field": "args.limit", "operator": "greater", "value": 10000}),
+        json!({"field": "args.user", "operator": "in", "value": ["root", "admin"]}),
+        json!({"field": "args.message", "operator": "contains", "value": "rm -rf"}),
+        json!({"field": "args.n", "operator": "less", "value": 0}),
+        json!({"field": "runtime.environment", "operator": "equals", "value": "production"}),
+    ];
+    let by_condition = conditions.into_iter().enumerate().map(|(i, c)| {
+        json!({"name": format!("cond-{i}"), "verbMatchers": [{"type": "verb", "value": "bench.*"}],
+               "conditions": [c], "action": {"type": "block"}})
+    });
+    by_name.chain(by_risk).chain(by_condition).collect()
+}
+
+fn write_config(dir: &Path, way: Way, guard_url: &str) -> PathBuf {
+    let mut policies = rules_that_do_not_match();
+    let service = matches!(way, Way::ProxyGuard | Way::ProxyGuardEvents);
+    // A matching local `allow` is final and never asks the service: the guard runs leave it out,
+    // so every call goes to the guard (and `riskDefaults` allows locally).
+    if !service {
+        policies.push(
+            json!({"name": "allow-bench", "verbMatchers": [{"type": "verb", "value": "bench.*"}],
+                             "action": {"type": "allow"}}),
+        );
+    }
+    assert_eq!(policies.len(), if service { 20 } else { 21 });
+    let mut config = json!({
+        "agentKey": "bench",
+        "serverName": "bench",
+        "mode": "enforce",
+        "policies": policies,
+        "riskDefaults": {"low": "allow", "medium": "allow", "high": "allow", "critical": "allow"},
+        "approvals": {"channels": ["elicitation"]},
+        "audit": if way == Way::ProxyNoAudit {
+            json!(false)
+        } else {
+            json!({"path": dir.join("audit.jsonl")})
+        },
+    });
+    if service {
+        config["guard"] = json!({"baseUrl": guard_url, "events": way == Way::ProxyGuardEvents});
+    }
+    let path = dir.join(format!("{:?}.json", way).to_lowercase());
+    std::fs::write(&path, serde_json::to_vec_pretty(&config).expect("json")).expect("config");
+    path
+}
+
+// === the helper binaries ===
+
+/// `target/<profile>`, where the proxy binary cargo built for this benchmark lives.
+fn profile_dir() -> PathBuf {
+    let proxy = PathBuf::from(env!("CARGO_BIN_EXE_apie-mcp"));
+    proxy.parent().expect("profile directory").to_path_buf()
+}
+
+/// The example binaries, built (release) when missing or older than their source.
+fn example(name: &str) -> PathBuf {
+    let bin = profile_dir()
+        .join("examples")
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(format!("{name}.rs"));
+    let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let stale = match (modified(&bin), modified(&source)) {
+        (Some(b), Some(s)) => b < s,
+        _ => true,
+    };
+    if stale {
+        eprintln!("building example {name} (release)");
+        let target_dir = profile_dir()
+            .parent()
+            .expect("target directory")
+            .to_path_buf();
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "--example", name])
+            .env("CARGO_TARGET_DIR", target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cargo build --example {name} failed");
+    }
+    bin
+}
+
+// === workloads ===
+
+/// The ways of one section in round `r`'s order: rotated, so each way takes each position.
+fn order(ways: &[Way], r: usize) -> Vec<Way> {
+    let mut v = ways.to_vec();
+    v.rotate_left(r % ways.len());
+    v
+}
+
+#[derive(Default)]
+struct Sequential {
+    calls_per_s: Vec<f64>,
+    latencies: Vec<u64>,
+    /// CPU µs per call of the middle process (the echo itself when direct), per round.
+    cpu: Vec<f64>,
+    /// Its context switches per call, per round.
+    switches: Vec<f64>,
+}
+
+impl Sequential {
+    fn add(&mut self, calls: usize, cps: f64, lat: Vec<u64>, used: Usage) {
+        self.calls_per_s.push(cps);
+        self.latencies.extend(lat);
+        self.cpu.push(used.cpu_ns as f64 / 1000.0 / calls as f64);
+        self.switches.push(used.switches as f64 / calls as f64);
+    }
+}
+
+fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64>, Usage) {
+    let mut p = Proc::spawn(&b.launch(way));
+    p.handshake();
+    for i in 0..warmup {
+        p.echo(1_000_000 + i as u64);
+    }
+    let mut lat = Vec::with_capacity(calls);
+    let before = p.usage();
+    let start = Instant::now();
+    for i in 0..calls {
+        let t = Instant::now();
+        p.echo(i as u64);
+        lat.push(t.elapsed().as_nanos() as u64);
+    }
+    let total = start.elapsed();
+    let used = p.usage().since(before);
+    p.finish();
+    (calls as f64 / total.as_secs_f64(), lat, used)
+}
+
+fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Usage) {
+    let mut p = Proc::spawn(&b.launch(way));
+    p.handshake();
+    for i in 0..warmup {
+        p.echo(1_000_000 + i as u64);
+    }
+    let mut stdin = p.take_stdin();
+    let (credit, credits) = mpsc::channel::<()>();
+    let writer = std::thread::spawn(move || {
+        use std::io::Write as _;
+        let mut buf = Vec::with_capacity(512);
+        for i in 0..calls {
+            if credits.recv().is_err() {
+                break;
+            }
+            echo_call(&mut buf, i as u64);
+            stdin.write_all(&buf).expect("write a pipelined call");
+        }
+        stdin
+    });
+    let before = p.usage();
+    let start = Instant::now();
+    for _ in 0..WINDOW {
+        let _ = credit.send(());
+    }
+    for _ in 0..calls {
+        let line = p.recv();
+        assert!(
+            contains(line, b"\"result\"") && !contains(line, b"\"isError\":true"),
+            "{}: unexpected answer {}",
+            way.label(),
+            String::from_utf8_lossy(&line[..line.len().min(300)])
+        );
+        let _ = credit.send(());
+    }
+    let total = start.elapsed();
+    let used = p.usage().since(before);
+    p.give_stdin(writer.join().expect("writer"));
+    p.finish();
+    (calls as f64 / total.as_secs_f64(), used)
+}
+
+struct Big {
+    wall: Vec<f64>,
+    peak: Vec<u64>,
+    idle: Vec<u64>,
+    line: usize,
+}
+
+fn big(b: &Bench, way: Way, bytes: usize) -> (Duration, u64, u64, usize) {
+    let mut p = Proc::spawn(&b.launch(way));
+    p.handshake();
+    p.echo(1);
+    let idle = p.peak_rss().unwrap_or(0);
+    let request = format!(
+        "{{\"jsonrpc\":\"2.0\",\"id\":\"big\",\"method\":\"tools/call\",\"params\":{{\"name\":\"big\",\"arguments\":{{\"bytes\":{bytes}}}}}}}\n"
+    );
+    let t = Instant::now();
+    p.send(request.as_bytes());
+    let len = p.recv().len();
+    let wall = t.elapsed();
+    assert!(
+        len > bytes,
+        "{}: short big answer ({len} bytes)",
+        way.label()
+    );
+    // The process is still alive (its stdin is open): its high-water mark covers the relay.
+    let peak = p.peak_rss().unwrap_or(0);
+    p.finish();
+    (wall, peak, idle, len)
+}
+
+fn startup(b: &Bench, way: Way) -> Duration {
+    let launch = b.launch(way);
+    let t = Instant::now();
+    let mut p = Proc::spawn(&launch);
+    p.send(process::INITIALIZE);
+    p.recv();
+    let elapsed = t.elapsed();
+    p.finish();
+    elapsed
+}
+
+// === the report ===
+
+fn mb(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, v)| v.trim().to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem = read("/proc/meminfo")
+        .lines()
+        .find(|l| l.starts_with("MemTotal"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        .map_or("?".into(), |kib| {
+            format!("{:.1} GiB", kib as f64 / 1048576.0)
+        });
+    let kernel = read("/proc/sys/kernel/osrelease");
+    format!("{cores} CPUs ({cpu}), {mem} RAM, Linux {}", kernel.trim())
+}
+
+fn load() -> String {
+    read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn git_head() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+/// One line of the targets summary.
+struct Target {
+    what: String,
+    measured: String,
+    met: bool,
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; a filter argument is not supported.
+    let s = Settings::from_env();
+    let dir = std::env::temp_dir().join(format!("apie-bench-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("state")).expect("scratch directory");
+    let mut b = Bench {
+        echo: example("bench_echo"),
+        relay: example("bench_relay"),
+        proxy: std::env::var_os("APIE_BENCH_PROXY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_apie-mcp"))),
+        guard: GuardServer::start(),
+        configs: HashMap::new(),
+        dir: dir.clone(),
+    };
+    for way in [
+        Way::Proxy,
+        Way::ProxyNoAudit,
+        Way::ProxyGuard,
+        Way::ProxyGuardEvents,
+    ] {
+        let path = write_config(&dir, way, &format!("http://{}", b.guard.addr));
+        b.configs.insert(way, path);
+    }
+    let began = Instant::now();
+    println!("apie-mcp proxy benchmark (commit {})", git_head());
+    if std::env::var_os("APIE_BENCH_PROXY").is_some() {
+        println!("proxy binary: {}", b.proxy.display());
+    }
+    println!("machine: {}", machine());
+    println!("load average at start: {}", load());
+    println!(
+        "{} rounds, ways alternated; sequential {} calls, pipelined {} calls ({WINDOW} in flight), \
+         guard {} calls, {} MiB x{}, start-up x{}; warm-up {} calls per run",
+        s.rounds,
+        s.seq_calls,
+        s.pipe_calls,
+        s.guard_calls,
+        s.big_bytes >> 20,
+        s.big_reps,
+        s.startup_reps,
+        s.warmup
+    );
+    println!(
+        "proxy: enforce mode, 21 local rules (20 do not match, 4 of them regexes; 1 allow matches), \
+         audit log on (the default) unless said"
+    );
+    let mut targets: Vec<Target> = Vec::new();
+
+    if s.runs("seq") {
+        let ways = [Way::Direct, Way::Relay, Way::Proxy, Way::ProxyNoAudit];
+        let mut res: HashMap<Way, Sequential> = HashMap::new();
+        for r in 0..s.rounds {
+            for way in order(&ways, r) {
+                let (cps, lat, used) = sequential(&b, way, s.warmup, s.seq_calls);
+                res.entry(way).or_default().add(s.seq_calls, cps, lat, used);
+            }
+        }
+        println!("\n== sequential tools/call round trips, local rules only ==");
+        let mut t = Table::new(&[
+            "way",
+            "calls/s",
+            "p50 µs",
+            "p99 µs",
+            "rounds calls/s min..max",
+            "CPU µs/call",
+            "switches/call",
+        ]);
+        let mut fig = HashMap::new();
+        for way in ways {
+            let e = res.get_mut(&way).expect("ran");
+            e.latencies.sort_unstable();
+            let cps = median(&e.calls_per_s);
+            let p50 = micros(percentile(&e.latencies, 50.0));
+            let p99 = micros(percentile(&e.latencies, 99.0));
+            let lo = e.calls_per_s.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = e.calls_per_s.iter().copied().fold(0.0, f64::max);
+            fig.insert(way, (cps, p50, p99));
+            t.row(vec![
+                way.label().into(),
+                thousands(cps),
+                fixed(p50, 1),
+                fixed(p99, 1),
+                format!("{}..{}", thousands(lo), thousands(hi)),
+                fixed(median(&e.cpu), 1),
+                fixed(median(&e.switches), 1),
+            ]);
+        }
+        for (name, base) in [("proxy/relay", Way::Relay), ("proxy/direct", Way::Direct)] {
+            let (c, p50, p99) = fig[&Way::Proxy];
+            let (bc, bp50, bp99) = fig[&base];
+            t.row(vec![
+                name.into(),
+                ratio(c, bc),
+                ratio(p50, bp50),
+                ratio(p99, bp99),
+                String::new(),
+            ]);
+        }
+        let (c, _, _) = fig[&Way::ProxyNoAudit];
+        t.row(vec![
+            "proxy (no audit)/relay".into(),
+            ratio(c, fig[&Way::Relay].0),
+            ratio(fig[&Way::ProxyNoAudit].1, fig[&Way::Relay].1),
+            ratio(fig[&Way::ProxyNoAudit].2, fig[&Way::Relay].2),
+            String::new(),
+        ]);
+        print!("{}", t.render());
+        let r = fig[&Way::Proxy].0 / fig[&Way::Relay].0;
+        targets.push(Target {
+            what: "sequential calls/s >= 0.9x relay".into(),
+            measured: format!("{r:.2}x"),
+            met: r >= 0.9,
+        });
+    }
+
+    if s.runs("pipe") {
+        let ways = [Way::Direct, Way::Relay, Way::Proxy, Way::ProxyNoAudit];
+        let mut res: HashMap<Way, Vec<f64>> = HashMap::new();
+        let mut cpu: HashMap<Way, Vec<f64>> = HashMap::new();
+        let mut switches: HashMap<Way, Vec<f64>> = HashMap::new();
+        for r in 0..s.rounds {
+            for way in order(&ways, r) {
+                let (cps, used) = pipelined(&b, way, s.warmup, s.pipe_calls);
+                res.entry(way).or_default().push(cps);
+                let calls = s.pipe_calls as f64;
+                cpu.entry(way)
+                    .or_default()
+                    .push(used.cpu_ns as f64 / 1000.0 / calls);
+                switches
+                    .entry(way)
+                    .or_default()
+                    .push(used.switches as f64 / calls);
+            }
+        }
+        println!("\n== pipelined tools/call, {WINDOW} in flight, local rules only ==");
+        let mut t = Table::new(&[
+            "way",
+            "calls/s",
+            "rounds min..max",
+            "CPU µs/call",
+            "switches/call",
+        ]);
+        let fig: HashMap<Way, f64> = ways.iter().map(|w| (*w, median(&res[w]))).collect();
+        for way in ways {
+            let v = &res[&way];
+            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = v.iter().copied().fold(0.0, f64::max);
+            t.row(vec![
+                way.label().into(),
+                thousands(fig[&way]),
+                format!("{}..{}", thousands(lo), thousands(hi)),
+                fixed(median(&cpu[&way]), 1),
+                fixed(median(&switches[&way]), 2),
+            ]);
+        }
+        t.row(vec![
+            "proxy/relay".into(),
+            ratio(fig[&Way::Proxy], fig[&Way::Relay]),
+            String::new(),
+        ]);
+        t.row(vec![
+            "proxy/direct".into(),
+            ratio(fig[&Way::Proxy], fig[&Way::Direct]),
+            String::new(),
+        ]);
+        t.row(vec![
+            "proxy (no audit)/relay".into(),
+            ratio(fig[&Way::ProxyNoAudit], fig[&Way::Relay]),
+            String::new(),
+        ]);
+        print!("{}", t.render());
+        let r = fig[&Way::Proxy] / fig[&Way::Relay];
+        targets.push(Target {
+            what: "pipelined calls/s >= 0.9x relay".into(),
+            measured: format!("{r:.2}x"),
+            met: r >= 0.9,
+        });
+    }
+
+    if s.runs("guard") {
+        let ways = [
+            Way::Direct,
+            Way::Relay,
+            Way::Proxy,
+            Way::ProxyGuard,
+            Way::ProxyGuardEvents,
+        ];
+        let mut res: HashMap<Way, Sequential> = HashMap::new();
+        let mut counts: HashMap<Way, guard::Snapshot> = HashMap::new();
+        let mut http: Vec<u64> = Vec::new();
+        for r in 0..s.rounds {
+            for way in order(&ways, r) {
+                let before = b.guard.snapshot();
+                let (cps, lat, used) = sequential(&b, way, s.warmup, s.guard_calls);
+                let after = b.guard.snapshot().since(before);
+                let c = counts.entry(way).or_default();
+                c.connections += after.connections;
+                c.evaluate += after.evaluate;
+                c.identify += after.identify;
+                c.events += after.events;
+                res.entry(way)
+                    .or_default()
+                    .add(s.guard_calls, cps, lat, used);
+            }
+            http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls));
+        }
+        http.sort_unstable();
+        let calls_per_run = (s.warmup + s.guard_calls) as f64;
+        println!(
+            "\n== guard-service path: sequential round trips, a local HTTP guard that answers at once =="
+        );
+        println!(
+            "(proxy + guard: the 20 non-matching rules and no matching one, so every call is \
+             evaluated by the service; guard.events off, then on)"
+        );
+        let mut t = Table::new(&[
+            "way",
+            "calls/s",
+            "p50 µs",
+            "p99 µs",
+            "evaluate/call",
+            "other requests/run",
+            "connections/run",
+            "CPU µs/call",
+        ]);
+        let mut fig = HashMap::new();
+        for way in ways {
+            let e = res.get_mut(&way).expect("ran");
+            e.latencies.sort_unstable();
+            let cps = median(&e.calls_per_s);
+            let p50 = micros(percentile(&e.latencies, 50.0));
+            let p99 = micros(percentile(&e.latencies, 99.0));
+            fig.insert(way, (cps, p50, p99));
+            let c = counts[&way];
+            let runs = s.rounds as f64;
+            let service = matches!(way, Way::ProxyGuard | Way::ProxyGuardEvents);
+            t.row(vec![
+                way.label().into(),
+                thousands(cps),
+                fixed(p50, 1),
+                fixed(p99, 1),
+                if service {
+                    fixed(c.evaluate as f64 / (calls_per_run * runs), 3)
+                } else {
+                    "-".into()
+                },
+                if service {
+                    format!(
+                        "{} identify, {} events",
+                        fixed(c.identify as f64 / runs, 1),
+                        fixed(c.events as f64 / runs, 1)
+                    )
+                } else {
+                    "-".into()
+                },
+                if service {
+                    fixed(c.connections as f64 / runs, 1)
+                } else {
+                    "-".into()
+                },
+                fixed(median(&e.cpu), 1),
+            ]);
+        }
+        let http50 = micros(percentile(&http, 50.0));
+        let http99 = micros(percentile(&http, 99.0));
+        t.row(vec![
+            "one keep-alive HTTP round trip".into(),
+            String::new(),
+            fixed(http50, 1),
+            fixed(http99, 1),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        for (name, way, base) in [
+            ("proxy+guard/relay", Way::ProxyGuard, Way::Relay),
+            ("proxy+guard/direct", Way::ProxyGuard, Way::Direct),
+            ("proxy+guard/proxy", Way::ProxyGuard, Way::Proxy),
+        ] {
+            let (c, p50, p99) = fig[&way];
+            let (bc, bp50, bp99) = fig[&base];
+            t.row(vec![
+                name.into(),
+                ratio(c, bc),
+                ratio(p50, bp50),
+                ratio(p99, bp99),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        print!("{}", t.render());
+        let added = fig[&Way::ProxyGuard].1 - fig[&Way::Proxy].1;
+        let added_events = fig[&Way::ProxyGuardEvents].1 - fig[&Way::Proxy].1;
+        println!(
+            "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs",
+            fixed(added, 1),
+            fixed(added_events, 1),
+            fixed(http50, 1)
+        );
+        let g = counts[&Way::ProxyGuard];
+        let per_call = g.evaluate as f64 / (calls_per_run * s.rounds as f64);
+        let conns = g.connections as f64 / s.rounds as f64;
+        let ge = counts[&Way::ProxyGuardEvents];
+        let per_call_events = (ge.evaluate + ge.events) as f64 / (calls_per_run * s.rounds as f64);
+        targets.push(Target {
+            what: "guard path: 1 request per call, 1-2 connections".into(),
+            measured: format!(
+                "{per_call:.3} evaluate/call, {conns:.1} connections/run; with events {per_call_events:.3} requests/call"
+            ),
+            met: (per_call - 1.0).abs() < 1e-9 && (1.0..=2.0).contains(&conns),
+        });
+        targets.push(Target {
+            what: "guard path adds <= one keep-alive HTTP round trip".into(),
+            measured: format!(
+                "+{} µs p50 vs {} µs round trip ({})",
+                fixed(added, 1),
+                fixed(http50, 1),
+                ratio(added, http50)
+            ),
+            met: added <= http50 * 1.1,
+        });
+    }
+
+    if s.runs("big") {
+        let ways = [Way::Direct, Way::Relay, Way::Proxy];
+        let mut res: HashMap<Way, Big> = HashMap::new();
+        for r in 0..s.big_reps {
+            for way in order(&ways, r) {
+                let (wall, peak, idle, line) = big(&b, way, s.big_bytes);
+                let e = res.entry(way).or_insert(Big {
+                    wall: vec![],
+                    peak: vec![],
+                    idle: vec![],
+                    line,
+                });
+                e.wall.push(stats::ms(wall));
+                e.peak.push(peak);
+                e.idle.push(idle);
+            }
+        }
+        let size = res[&Way::Direct].line as u64;
+        println!(
+            "\n== a {} MiB tool result relayed (the answer line is {} bytes) ==",
+            s.big_bytes >> 20,
+            size
+        );
+        let mut t = Table::new(&[
+            "way",
+            "wall ms",
+            "MB/s",
+            "peak RSS MiB (of the middle process)",
+            "peak/message",
+            "RSS before MiB",
+        ]);
+        let mut fig = HashMap::new();
+        for way in ways {
+            let e = &res[&way];
+            let wall = median(&e.wall);
+            let peak = e.peak.iter().copied().max().unwrap_or(0);
+            let idle = e.idle.iter().copied().max().unwrap_or(0);
+            fig.insert(way, (wall, peak));
+            t.row(vec![
+                if way == Way::Direct {
+                    "direct (the echo itself)".into()
+                } else {
+                    way.label().into()
+                },
+                fixed(wall, 1),
+                fixed(size as f64 / 1e6 / (wall / 1000.0), 0),
+                mb(peak),
+                fixed(peak as f64 / size as f64, 2),
+                mb(idle),
+            ]);
+        }
+        t.row(vec![
+            "proxy/relay".into(),
+            ratio(fig[&Way::Proxy].0, fig[&Way::Relay].0),
+            String::new(),
+            ratio(fig[&Way::Proxy].1 as f64, fig[&Way::Relay].1 as f64),
+            String::new(),
+            String::new(),
+        ]);
+        t.row(vec![
+            "proxy/direct".into(),
+            ratio(fig[&Way::Proxy].0, fig[&Way::Direct].0),
+            String::new(),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
+        print!("{}", t.render());
+        let r = fig[&Way::Proxy].1 as f64 / size as f64;
+        targets.push(Target {
+            what: format!(
+                "{} MiB relayed with peak RSS <= 3x the message",
+                s.big_bytes >> 20
+            ),
+            measured: format!("{} MiB = {r:.2}x", mb(fig[&Way::Proxy].1)),
+            met: r <= 3.0,
+        });
+    }
+
+    if s.runs("startup") {
+        let ways = [Way::Direct, Way::Relay, Way::Proxy];
+        for way in ways {
+            startup(&b, way); // page cache, dynamic loader caches
+        }
+        let mut res: HashMap<Way, Vec<f64>> = HashMap::new();
+        for r in 0..s.startup_reps {
+            for way in order(&ways, r) {
+                res.entry(way)
+                    .or_default()
+                    .push(stats::ms(startup(&b, way)));
+            }
+        }
+        println!(
+            "\n== start-up: spawn to the first response (initialize), {} runs each ==",
+            s.startup_reps
+        );
+        let mut t = Table::new(&["way", "median ms", "p90 ms", "min ms", "over direct ms"]);
+        let direct = median(&res[&Way::Direct]);
+        for way in ways {
+            let mut v = res[&way].clone();
+            v.sort_by(f64::total_cmp);
+            let ns: Vec<u64> = v.iter().map(|x| (x * 1e6) as u64).collect();
+            let med = median(&v);
+            t.row(vec![
+                way.label().into(),
+                fixed(med, 2),
+                fixed(percentile(&ns, 90.0) as f64 / 1e6, 2),
+                fixed(v[0], 2),
+                fixed(med - direct, 2),
+            ]);
+        }
+        print!("{}", t.render());
+        let over = median(&res[&Way::Proxy]) - direct;
+        targets.push(Target {
+            what: "start-up overhead <= 5 ms".into(),
+            measured: format!("{over:.2} ms"),
+            met: over <= 5.0,
+        });
+    }
+
+    println!("\n== targets (issue #4) ==");
+    let mut t = Table::new(&["target", "measured", "met"]);
+    for target in &targets {
+        t.row(vec![
+            target.what.clone(),
+            target.measured.clone(),
+            if target.met { "yes" } else { "NO" }.into(),
+        ]);
+    }
+    t.row(vec![
+        "local rule evaluation <= 2 µs at 100 rules".into(),
+        "see `cargo bench --bench rules`".into(),
+        String::new(),
+    ]);
+    print!("{}", t.render());
+    println!(
+        "\nload average at end: {}; took {:.0} s",
+        load(),
+        began.elapsed().as_secs_f64()
+    );
+    if std::env::var_os("APIE_BENCH_KEEP").is_some() {
+        println!("scratch directory kept: {}", dir.display());
+    } else {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
