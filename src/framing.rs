@@ -222,16 +222,45 @@ impl Scanner<'_> {
     }
 }
 
-/// The single writer of one output: writes each queued message plus `\n`, flushing whenever the
-/// queue is momentarily empty. Returns when every sender is gone (after a final flush) or the
-/// output fails.
+/// Messages up to this size are copied into the write buffer; larger ones are written from
+/// where they are.
+const COPY_MAX: usize = 64 * 1024;
+/// A write gathers queued messages up to about this much.
+const GATHER: usize = 256 * 1024;
+
+/// The single writer of one output: writes each queued message plus `\n`, gathering whatever
+/// is already queued into one write, and flushing whenever the queue is momentarily empty.
+/// Returns when every sender is gone (after a final flush) or the output fails.
 pub async fn write_loop<W: AsyncWrite + Unpin>(
     mut out: W,
     mut rx: mpsc::Receiver<Bytes>,
 ) -> std::io::Result<()> {
-    while let Some(msg) = rx.recv().await {
-        out.write_all(&msg).await?;
-        out.write_all(b"\n").await?;
+    let mut buf: Vec<u8> = Vec::with_capacity(COPY_MAX);
+    while let Some(first) = rx.recv().await {
+        let mut next = Some(first);
+        while let Some(msg) = next.take() {
+            if msg.len() > COPY_MAX {
+                if !buf.is_empty() {
+                    out.write_all(&buf).await?;
+                    buf.clear();
+                }
+                out.write_all(&msg).await?;
+                out.write_all(b"\n").await?;
+            } else {
+                buf.extend_from_slice(&msg);
+                buf.push(b'\n');
+            }
+            if buf.len() < GATHER {
+                next = rx.try_recv().ok();
+            }
+        }
+        if !buf.is_empty() {
+            out.write_all(&buf).await?;
+            buf.clear();
+        }
+        if buf.capacity() > 4 * GATHER {
+            buf.shrink_to(COPY_MAX);
+        }
         if rx.is_empty() {
             out.flush().await?;
         }

@@ -333,39 +333,50 @@ impl Guard {
 /// SHA-256 of the arguments in canonical form (object keys sorted, no whitespace), hex.
 pub fn arguments_digest(args: &Value) -> String {
     use sha2::{Digest, Sha256};
-    let mut canonical = String::new();
-    write_canonical(args, &mut canonical);
-    let digest = Sha256::digest(canonical.as_bytes());
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    let mut hasher = Sha256::new();
+    hash_canonical(args, &mut hasher);
+    let digest = hasher.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut hex = String::with_capacity(64);
+    for b in digest {
+        hex.push(HEX[usize::from(b >> 4)] as char);
+        hex.push(HEX[usize::from(b & 0xf)] as char);
+    }
+    hex
 }
 
-fn write_canonical(value: &Value, out: &mut String) {
+/// Feeds `value` to the hasher as canonical JSON, without building the text first.
+fn hash_canonical(value: &Value, hasher: &mut sha2::Sha256) {
+    use sha2::Digest;
     match value {
         Value::Object(map) => {
             let mut entries: Vec<_> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.cmp(b.0));
-            out.push('{');
+            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+            hasher.update(b"{");
             for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    hasher.update(b",");
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
-                write_canonical(v, out);
+                // Writing JSON into a hasher cannot fail.
+                let _ = serde_json::to_writer(&mut *hasher, k);
+                hasher.update(b":");
+                hash_canonical(v, hasher);
             }
-            out.push('}');
+            hasher.update(b"}");
         }
         Value::Array(items) => {
-            out.push('[');
+            hasher.update(b"[");
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    hasher.update(b",");
                 }
-                write_canonical(v, out);
+                hash_canonical(v, hasher);
             }
-            out.push(']');
+            hasher.update(b"]");
         }
-        other => out.push_str(&other.to_string()),
+        other => {
+            let _ = serde_json::to_writer(&mut *hasher, other);
+        }
     }
 }
 

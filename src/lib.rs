@@ -8,6 +8,7 @@
 //! - [`config`]: `apie.mcp.json` and the flags, merged and validated before anything runs.
 //! - [`jsonrpc`]: the JSON-RPC envelope: one-pass classification, ids, error answers.
 //! - [`framing`]: newline framing with a length cap; the one writer per output.
+//! - [`stdio`]: our own stdin and stdout, driven by the reactor where they are pipes or sockets.
 //! - [`upstream`]: the server's process group, and the shutdown cascade.
 //! - [`relay`]: the session: one reader task per direction, guarded forwarding.
 //! - [`guard`]: decisions and the mode table; [`guard::metadata`] (tool facts and risk) and
@@ -30,6 +31,7 @@ pub mod jsonrpc;
 pub mod redact;
 pub mod relay;
 pub mod remote;
+pub mod stdio;
 pub mod upstream;
 
 use clap::Parser;
@@ -78,7 +80,9 @@ fn proxy(args: cli::RunArgs) -> u8 {
         },
         None => audit::Audit::disabled(),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: a relay moves small messages between pipes, and every hop between worker
+    // threads would cost more than the work itself.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
@@ -89,7 +93,7 @@ fn proxy(args: cli::RunArgs) -> u8 {
         }
     };
     let code = runtime.block_on(relay::run(config, audit));
-    // The blocking stdin read cannot be cancelled; do not wait for it.
+    // Where stdin is not a pipe or socket, its blocking read cannot be cancelled; do not wait.
     runtime.shutdown_background();
     code
 }

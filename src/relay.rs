@@ -81,7 +81,7 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
 
     let (to_host, host_rx) = mpsc::channel::<Bytes>(QUEUE);
     let (to_upstream, upstream_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let mut host_writer = tokio::spawn(framing::write_loop(tokio::io::stdout(), host_rx));
+    let mut host_writer = tokio::spawn(framing::write_loop(crate::stdio::stdout(), host_rx));
     let upstream_writer = tokio::spawn(framing::write_loop(child_stdin, upstream_rx));
 
     let max = config.max_message_bytes;

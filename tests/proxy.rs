@@ -1204,3 +1204,54 @@ fn humantime_like(ts: &str) -> bool {
         && ts.ends_with('Z')
         && ts[..4].bytes().all(|c| c.is_ascii_digit())
 }
+
+/// Hosts built on Node hand their children a socket pair, not pipes, for stdio: the proxy must
+/// drive those as well (and say nothing but JSON-RPC on them).
+#[tokio::test]
+async fn stdio_on_a_socket_pair_works_like_pipes() {
+    use std::os::fd::OwnedFd;
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let theirs_out = theirs.try_clone().unwrap();
+    let mut child = tokio::process::Command::new(crate::util::proxy_bin())
+        .args(["--mode", "enforce", "--"])
+        .arg(crate::util::example_server_bin())
+        .env_remove("APIE_API_KEY")
+        .env("APIE_MCP_STATE_DIR", std::env::temp_dir())
+        .stdin(std::process::Stdio::from(OwnedFd::from(theirs)))
+        .stdout(std::process::Stdio::from(OwnedFd::from(theirs_out)))
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let stream = tokio::net::UnixStream::from_std(ours).unwrap();
+    let (read, mut write) = stream.into_split();
+    let mut lines = BufReader::new(read).lines();
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    let call = json!({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+        "params": {"name": "echo", "arguments": {"text": "over a socket"}}});
+    write
+        .write_all(format!("{init}\n{call}\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("an answer in time")
+            .unwrap()
+            .expect("a line");
+        got.push(serde_json::from_str::<Value>(&line).expect("JSON-RPC only"));
+    }
+    got.sort_by_key(|m| m["id"].as_i64());
+    assert_eq!(got[0]["result"]["serverInfo"]["name"], "example-server");
+    assert_eq!(got[1]["result"]["content"][0]["text"], "over a socket");
+    // Hanging up ends the session cleanly.
+    drop(write);
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .expect("the proxy exits")
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}

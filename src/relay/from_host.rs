@@ -10,7 +10,7 @@ use super::*;
 // === host → upstream ===
 
 pub(super) async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Bytes>, max: usize) {
-    let mut reader = LineReader::new(tokio::io::stdin(), max);
+    let mut reader = LineReader::new(crate::stdio::stdin(), max);
     let host = HostSide {
         shared: &shared,
         shared_arc: &shared,

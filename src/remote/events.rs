@@ -34,8 +34,12 @@ impl Inner {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn take_batch(&self) -> Vec<Value> {
+    /// The next batch: a full one, or with `all` whatever is left.
+    fn take_batch(&self, all: bool) -> Vec<Value> {
         let mut queue = self.queue();
+        if queue.len() < MAX_BATCH && !all {
+            return Vec::new();
+        }
         let n = queue.len().min(MAX_BATCH);
         queue.drain(..n).collect()
     }
@@ -97,16 +101,22 @@ impl Events {
 }
 
 async fn send_loop(inner: Arc<Inner>, endpoint: Endpoint) {
+    let mut due = tokio::time::Instant::now() + FLUSH_EVERY;
     loop {
         if !inner.closing.load(Ordering::Acquire) {
             tokio::select! {
-                _ = tokio::time::sleep(FLUSH_EVERY) => {}
+                _ = tokio::time::sleep_until(due) => {}
                 _ = inner.wake.notified() => {}
             }
         }
         let closing = inner.closing.load(Ordering::Acquire);
+        // Full batches go at once; a partial one waits for the timer (or the end).
+        let timer = tokio::time::Instant::now() >= due;
+        if timer {
+            due = tokio::time::Instant::now() + FLUSH_EVERY;
+        }
         loop {
-            let batch = inner.take_batch();
+            let batch = inner.take_batch(timer || closing);
             if batch.is_empty() {
                 break;
             }
