@@ -70,6 +70,7 @@ fn proxy(args: cli::RunArgs) -> u8 {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
+    guard::metadata::warm_up();
     let audit = match &config.audit {
         Some(path) => match audit::Audit::open(path) {
             Ok(audit) => audit,

@@ -491,6 +491,14 @@ static INFER_SET: LazyLock<RegexSet> = LazyLock::new(|| {
         .unwrap_or_else(|_| RegexSet::empty())
 });
 
+/// Compiles the inference table on another thread, so that neither start-up nor the host's
+/// first call waits for it (a call that comes sooner waits for the rest of the compilation).
+pub fn warm_up() {
+    let _ = std::thread::Builder::new()
+        .name("warm-up".into())
+        .spawn(|| LazyLock::force(&INFER_SET));
+}
+
 fn infer(qualified: &str) -> &'static InferRow {
     INFER_SET
         .matches(qualified)
@@ -585,8 +593,6 @@ impl ToolCatalog {
                 resource_external_id,
             });
         }
-        // Compile the inference table now, not on the first call the host makes.
-        LazyLock::force(&INFER_SET);
         Ok(ToolCatalog {
             server_name: server_name.to_owned(),
             environment: environment.map(str::to_owned),
