@@ -32,6 +32,15 @@ impl Redactor {
         self.needles.iter().any(|needle| key.contains(needle))
     }
 
+    /// `value` as it may leave the proxy: serialises with every secret key's value replaced,
+    /// without copying anything.
+    pub fn view<'a>(&'a self, value: &'a Value) -> Redacted<'a> {
+        Redacted {
+            value,
+            redactor: self,
+        }
+    }
+
     /// A copy of `value` with every secret key's value replaced.
     pub fn redact(&self, value: &Value) -> Value {
         match value {
@@ -49,6 +58,39 @@ impl Redactor {
             ),
             Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
             other => other.clone(),
+        }
+    }
+}
+
+/// A value that serialises redacted ([`Redactor::view`]).
+pub struct Redacted<'a> {
+    value: &'a Value,
+    redactor: &'a Redactor,
+}
+
+impl serde::Serialize for Redacted<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap, SerializeSeq};
+        match self.value {
+            Value::Object(map) => {
+                let mut out = serializer.serialize_map(Some(map.len()))?;
+                for (k, v) in map {
+                    if self.redactor.is_secret(k) {
+                        out.serialize_entry(k, REDACTED)?;
+                    } else {
+                        out.serialize_entry(k, &self.redactor.view(v))?;
+                    }
+                }
+                out.end()
+            }
+            Value::Array(items) => {
+                let mut out = serializer.serialize_seq(Some(items.len()))?;
+                for v in items {
+                    out.serialize_element(&self.redactor.view(v))?;
+                }
+                out.end()
+            }
+            other => other.serialize(serializer),
         }
     }
 }
@@ -80,6 +122,16 @@ mod tests {
                 "items": [{"client_secret": REDACTED, "id": 1}, "plain"],
                 "APIKEY": REDACTED,
             })
+        );
+    }
+
+    #[test]
+    fn the_view_serialises_exactly_like_the_copy() {
+        let args = json!({"a": [{"token": 1, "b": {"Secret": [1, 2]}}], "c": null, "pw": "x"});
+        let r = defaults();
+        assert_eq!(
+            serde_json::to_string(&r.view(&args)).unwrap(),
+            r.redact(&args).to_string()
         );
     }
 

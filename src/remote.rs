@@ -112,6 +112,22 @@ impl Endpoint {
         self.send(request, timeout).await
     }
 
+    /// POSTs JSON serialised straight from `body` to a ready-made URL.
+    async fn post_to(
+        &self,
+        url: &Url,
+        body: &impl serde::Serialize,
+        timeout: Duration,
+    ) -> Result<Value, Failure> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Failure::BadBody(e.to_string()))?;
+        let request = self
+            .http
+            .post(url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(bytes);
+        self.send(request, timeout).await
+    }
+
     async fn send(
         &self,
         request: reqwest::RequestBuilder,
@@ -174,6 +190,8 @@ pub struct Identity {
 /// The guard service client of one session.
 pub struct Service {
     endpoint: Endpoint,
+    /// `POST /v1/guardrails/evaluate`, built once.
+    evaluate_url: Url,
     breaker: Breaker,
     events: Option<Events>,
     identity: Identity,
@@ -214,6 +232,7 @@ impl Service {
         };
         tokio::spawn(identify(endpoint.clone(), identity.clone()));
         Ok(Service {
+            evaluate_url: endpoint.url(&["v1", "guardrails", "evaluate"]),
             events: config.events.then(|| Events::start(endpoint.clone())),
             breaker: Breaker::new(config.failure_threshold, config.cooldown),
             endpoint,
@@ -227,14 +246,14 @@ impl Service {
     }
 
     /// `POST /v1/guardrails/evaluate` through the circuit breaker.
-    pub async fn evaluate(&self, body: &Value) -> Result<Verdict, Failure> {
+    pub async fn evaluate(&self, body: &impl serde::Serialize) -> Result<Verdict, Failure> {
         let permit = self
             .breaker
             .admit(Instant::now())
             .ok_or(Failure::CircuitOpen)?;
         let result = self
             .endpoint
-            .post("/v1/guardrails/evaluate", body, self.endpoint.timeout)
+            .post_to(&self.evaluate_url, body, self.endpoint.timeout)
             .await
             .and_then(|value| {
                 Verdict::parse(&value).map_err(|e| match e {

@@ -186,43 +186,107 @@ pub(super) async fn wait(
 }
 
 /// The body of `POST /v1/guardrails/evaluate` (APIE-WIRE §1.6, plus `request_id`,
-/// `arguments_hash` and `runtime`).
-fn evaluate_body(shared: &Shared, held: &HeldCall) -> Value {
-    let meta = &held.eval.meta;
-    let environment = shared
-        .remote
-        .as_ref()
-        .and_then(|r| r.identity().environment.clone());
-    json!({
-        "agent_key": shared.agent_key,
-        "run_id": shared.run_id,
-        "mode": shared.mode.as_str(),
-        "risk_level": meta.risk.as_str(),
-        "action": {"type": meta.action_type, "name": meta.action_name},
-        "resource": {
-            "type": meta.resource_type,
-            "provider": meta.resource_provider,
-            "environment": meta.resource_environment,
-            "external_id": meta.resource_external_id,
+/// `arguments_hash` and `runtime`), borrowed from the call and serialised straight to the wire.
+#[derive(serde::Serialize)]
+struct EvaluateBody<'a> {
+    agent_key: &'a str,
+    run_id: &'a str,
+    mode: &'static str,
+    risk_level: &'static str,
+    action: Named<'a>,
+    resource: Resource<'a>,
+    tool: Tool<'a>,
+    metadata: Metadata<'a>,
+    request_id: &'a Id,
+    arguments_hash: &'a str,
+    runtime: Runtime<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Named<'a> {
+    r#type: &'a str,
+    name: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct Resource<'a> {
+    r#type: &'a str,
+    provider: &'a str,
+    environment: Option<&'a str>,
+    external_id: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Tool<'a> {
+    name: &'a str,
+    provider: &'a str,
+    risk_level: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct Metadata<'a> {
+    capture_source: &'static str,
+    mcp: Mcp<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Mcp<'a> {
+    server: &'a str,
+    tool: &'a str,
+    arguments: crate::redact::Redacted<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct Runtime<'a> {
+    framework: &'static str,
+    language: &'static str,
+    sdk_version: &'static str,
+    environment: Option<&'a str>,
+}
+
+fn evaluate_body<'a>(shared: &'a Shared, held: &'a HeldCall) -> EvaluateBody<'a> {
+    let meta = &*held.eval.meta;
+    EvaluateBody {
+        agent_key: &shared.agent_key,
+        run_id: &shared.run_id,
+        mode: shared.mode.as_str(),
+        risk_level: meta.risk.as_str(),
+        action: Named {
+            r#type: &meta.action_type,
+            name: &meta.action_name,
         },
-        "tool": {"name": meta.qualified, "provider": meta.provider, "riskLevel": meta.risk.as_str()},
-        "metadata": {
-            "capture_source": "mcp_proxy",
-            "mcp": {
-                "server": shared.server,
-                "tool": held.call.name,
-                "arguments": shared.redactor.redact(&held.call.arguments),
+        resource: Resource {
+            r#type: &meta.resource_type,
+            provider: &meta.resource_provider,
+            environment: meta.resource_environment.as_deref(),
+            external_id: meta.resource_external_id.as_deref(),
+        },
+        tool: Tool {
+            name: &meta.qualified,
+            provider: &meta.provider,
+            risk_level: meta.risk.as_str(),
+        },
+        metadata: Metadata {
+            capture_source: "mcp_proxy",
+            mcp: Mcp {
+                server: &shared.server,
+                tool: &held.call.name,
+                arguments: shared.redactor.view(&held.call.arguments),
             },
         },
-        "request_id": held.id.to_value(),
-        "arguments_hash": held.digest,
-        "runtime": {
-            "framework": remote::FRAMEWORK,
-            "language": "rust",
-            "sdk_version": remote::VERSION,
-            "environment": environment,
+        request_id: &held.id,
+        arguments_hash: &held.digest,
+        runtime: Runtime {
+            framework: remote::FRAMEWORK,
+            language: "rust",
+            sdk_version: remote::VERSION,
+            environment: shared
+                .remote
+                .as_ref()
+                .and_then(|r| r.identity().environment.as_deref()),
         },
-    })
+    }
 }
 
 /// The service could not decide: `guardFailureMode` does (monitor mode always forwards).
