@@ -220,14 +220,22 @@ pub struct Guard {
     risk_defaults: RiskDefaults,
     runtime: Runtime,
     catalog: RwLock<ToolCatalog>,
-    /// What `describe` found, per tool: a call's facts are built once, not per call. Emptied
-    /// whenever the catalog learns or forgets, and when it grows past [`METAS_KEPT`].
-    metas: Mutex<HashMap<String, Arc<ToolMeta>>>,
+    /// What is known of each tool called so far: its facts and the rules that select it, built
+    /// once, not per call. Emptied whenever the catalog learns or forgets, and when it grows
+    /// past [`METAS_KEPT`].
+    metas: Mutex<HashMap<String, Known>>,
     hide_blocked_tools: bool,
 }
 
 /// Most tools whose facts are kept (a host could name endless made-up tools).
 const METAS_KEPT: usize = 4096;
+
+/// A tool's facts and the rules that select it.
+#[derive(Clone)]
+struct Known {
+    meta: Arc<ToolMeta>,
+    selection: Arc<rules::Selection>,
+}
 
 impl Guard {
     pub fn new(config: Config) -> Guard {
@@ -249,32 +257,40 @@ impl Guard {
     }
 
     pub fn describe(&self, tool: &str) -> Arc<ToolMeta> {
+        self.known(tool).meta
+    }
+
+    fn known(&self, tool: &str) -> Known {
         // Computed under the cache's lock, so a `learn` cannot be overtaken by a stale entry.
         let mut metas = self.metas();
-        if let Some(meta) = metas.get(tool) {
-            return meta.clone();
+        if let Some(known) = metas.get(tool) {
+            return known.clone();
         }
-        let meta = Arc::new(self.catalog().describe(tool));
+        let meta = self.catalog().describe(tool);
+        let known = Known {
+            selection: Arc::new(self.policies.select(&meta)),
+            meta: Arc::new(meta),
+        };
         if metas.len() >= METAS_KEPT {
             metas.clear();
         }
-        metas.insert(tool.to_owned(), meta.clone());
-        meta
+        metas.insert(tool.to_owned(), known.clone());
+        known
     }
 
-    fn metas(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<ToolMeta>>> {
+    fn metas(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
         self.metas.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Local rules first; `riskDefaults` when none matches.
     pub fn evaluate(&self, tool: &str, args: &Value) -> Evaluation {
-        let meta = self.describe(tool);
+        let Known { meta, selection } = self.known(tool);
         let facts = CallFacts {
             tool: &meta,
             args,
             runtime: &self.runtime,
         };
-        let (decision, source) = match self.policies.evaluate(&facts) {
+        let (decision, source) = match self.policies.evaluate_selected(&selection, &facts) {
             Some(rule) => (
                 rule.decision,
                 Source::Rule {

@@ -689,6 +689,10 @@ struct HotRule {
     conditions: std::ops::Range<usize>,
 }
 
+/// The rules that select one tool (indices into the rule list, in order).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection(Box<[u32]>);
+
 /// The compiled `policies`, in order.
 #[derive(Debug, Clone, Default)]
 pub struct RuleSet {
@@ -741,25 +745,64 @@ impl RuleSet {
     pub fn evaluate<'s>(&'s self, call: &CallFacts<'_>) -> Option<&'s Rule> {
         let mut scratch = Scratch::new(call.args, &self.paths);
         let tool = call.tool;
-        let position = self.hot.iter().position(|h| {
-            let selected = match &h.matchers {
-                None => true,
-                Some(range) => self
-                    .matchers
-                    .get(range.clone())
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|m| m.matches(tool)),
-            };
-            selected
-                && self
-                    .conditions
-                    .get(h.conditions.clone())
-                    .unwrap_or_default()
-                    .iter()
-                    .all(|c| c.holds(call, &mut scratch))
-        });
+        let position = self
+            .hot
+            .iter()
+            .position(|h| self.selects_hot(h, tool) && self.conditions_hold(h, call, &mut scratch));
         self.rules.get(position?)
+    }
+
+    /// The rules whose matchers select `tool`, in order: they depend on the tool alone, so a
+    /// caller that knows the tool can work this out once and use [`RuleSet::evaluate_selected`].
+    pub fn select(&self, tool: &ToolMeta) -> Selection {
+        Selection(
+            self.hot
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| self.selects_hot(h, tool))
+                .map(|(i, _)| i as u32)
+                .collect(),
+        )
+    }
+
+    /// [`RuleSet::evaluate`] for a tool whose [`Selection`] is known.
+    pub fn evaluate_selected<'s>(
+        &'s self,
+        selection: &Selection,
+        call: &CallFacts<'_>,
+    ) -> Option<&'s Rule> {
+        let mut scratch = Scratch::new(call.args, &self.paths);
+        let first = selection.0.iter().find(|&&i| {
+            self.hot
+                .get(i as usize)
+                .is_some_and(|h| self.conditions_hold(h, call, &mut scratch))
+        })?;
+        self.rules.get(*first as usize)
+    }
+
+    fn selects_hot(&self, h: &HotRule, tool: &ToolMeta) -> bool {
+        match &h.matchers {
+            None => true,
+            Some(range) => self
+                .matchers
+                .get(range.clone())
+                .unwrap_or_default()
+                .iter()
+                .any(|m| m.matches(tool)),
+        }
+    }
+
+    fn conditions_hold<'a>(
+        &self,
+        h: &HotRule,
+        call: &CallFacts<'a>,
+        scratch: &mut Scratch<'a, '_>,
+    ) -> bool {
+        self.conditions
+            .get(h.conditions.clone())
+            .unwrap_or_default()
+            .iter()
+            .all(|c| c.holds(call, scratch))
     }
 
     /// True when, for every possible `args`, the decision for this tool is `Block`. Rules whose

@@ -34,7 +34,8 @@ fn runtime() -> Runtime {
     }
 }
 
-/// The name of the rule deciding a call of `tool` with `args`.
+/// The name of the rule deciding a call of `tool` with `args`; every test that decides also
+/// checks that a precomputed [`Selection`] decides the same.
 fn decide<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str> {
     let rt = runtime();
     let call = CallFacts {
@@ -42,7 +43,16 @@ fn decide<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str
         args,
         runtime: &rt,
     };
-    set.evaluate(&call).map(|r| r.name.as_str())
+    let direct = set.evaluate(&call).map(|r| r.name.as_str());
+    let selected = set
+        .evaluate_selected(&set.select(tool), &call)
+        .map(|r| r.name.as_str());
+    assert_eq!(
+        direct, selected,
+        "a selection disagrees for {}",
+        tool.qualified
+    );
+    direct
 }
 
 /// Does a single condition hold for a call of `read_file` with `args`?
