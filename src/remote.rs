@@ -108,8 +108,7 @@ impl Endpoint {
 
     async fn post(&self, path: &str, body: &Value, timeout: Duration) -> Result<Value, Failure> {
         let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-        let request = self.http.post(self.url(&segments)).json(body);
-        self.send(request, timeout).await
+        self.post_to(&self.url(&segments), body, timeout).await
     }
 
     /// POSTs JSON serialised straight from `body` to a ready-made URL.

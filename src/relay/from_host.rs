@@ -313,12 +313,15 @@ fn parse_value(raw: &RawValue) -> Value {
     serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
-/// Whether `initialize` params declare form elicitation: `elicitation: {}` (form only, as in
-/// 2025-06-18) or `elicitation: {form: …}`; a host offering only `url` cannot show our form.
+/// Whether `initialize` params declare form elicitation.
 fn declares_form_elicitation(params: Option<&RawValue>) -> bool {
-    let Some(params) = params else { return false };
-    let params = parse_value(params);
-    match params.pointer("/capabilities/elicitation") {
+    params.is_some_and(|p| offers_form(parse_value(p).pointer("/capabilities/elicitation")))
+}
+
+/// An elicitation capability the proxy's form can use: `{}` (form only, as in 2025-06-18) or
+/// `{form: …}`; a host offering only `url` cannot show it.
+fn offers_form(elicitation: Option<&Value>) -> bool {
+    match elicitation {
         Some(Value::Object(modes)) => modes.is_empty() || modes.contains_key("form"),
         _ => false,
     }
@@ -415,13 +418,10 @@ impl ToolCall {
         let modern = meta
             .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
             .is_some();
-        let elicitation = meta
-            .and_then(|m| m.get("io.modelcontextprotocol/clientCapabilities"))
-            .and_then(|c| c.get("elicitation"))
-            .is_some_and(|e| match e {
-                Value::Object(modes) => modes.is_empty() || modes.contains_key("form"),
-                _ => false,
-            });
+        let elicitation = offers_form(
+            meta.and_then(|m| m.get("io.modelcontextprotocol/clientCapabilities"))
+                .and_then(|c| c.get("elicitation")),
+        );
         let progress_token = meta
             .and_then(|m| m.get("progressToken"))
             .filter(|t| t.is_string() || t.is_i64() || t.is_u64())

@@ -352,15 +352,8 @@ async fn approve(
         let ask = ask(shared, &held, deadline, cancel);
         with_progress(shared, &held, &mut progressed, ask).await
     };
-    let resolved = |approval_id: Option<&str>, status: Status| {
-        shared.event("agent.approval.resolved", || {
-            json!({
-                "payload_summary": {"server": shared.server, "tool": held.call.name},
-                "approval": {"approval_id": approval_id, "status": status.as_str(), "resolved_by": null},
-                "metadata": {"approval_id": approval_id, "status": status.as_str()},
-            })
-        })
-    };
+    let resolved =
+        |approval_id: Option<&str>, status| resolved_event(shared, &held, approval_id, status);
     match ending {
         Ending::Approved { approval_id } => {
             shared.held().remove(&held.id);
@@ -487,16 +480,32 @@ fn requested_event(shared: &Shared, held: &HeldCall, approval_id: &str, channel:
     });
 }
 
-fn not_approved(held: &HeldCall, status: Status, approval_id: Option<String>) -> Ending {
+fn resolved_event(shared: &Shared, held: &HeldCall, approval_id: Option<&str>, status: Status) {
+    shared.event("agent.approval.resolved", || {
+        json!({
+            "payload_summary": {"server": shared.server, "tool": held.call.name},
+            "approval": {"approval_id": approval_id, "status": status.as_str(), "resolved_by": null},
+            "metadata": {"approval_id": approval_id, "status": status.as_str()},
+        })
+    });
+}
+
+/// How a channel's answer ends the wait; `reason` is the human's own, when they gave one.
+fn not_approved(
+    held: &HeldCall,
+    status: Status,
+    approval_id: Option<String>,
+    reason: Option<String>,
+) -> Ending {
     if status == Status::Approved {
         return Ending::Approved {
             approval_id: approval_id.unwrap_or_default(),
         };
     }
-    let reason = match status {
+    let reason = reason.unwrap_or_else(|| match status {
         Status::Timeout => format!("{}; nobody answered in time", held.eval.reason()),
         _ => held.eval.reason(),
-    };
+    });
     Ending::Refused {
         status,
         approval_id,
@@ -526,7 +535,7 @@ async fn ask_service(
     if status == Status::Timeout {
         service.cancel_approval(&id).await;
     }
-    not_approved(held, status, Some(id))
+    not_approved(held, status, Some(id), None)
 }
 
 /// `local`: the queue in the state directory, answered from any terminal.
@@ -574,21 +583,7 @@ async fn ask_local(
         answer = approval::wait_local(queue, &request, left) => answer,
         _ = cancel.cancelled() => return Ending::Cancelled { approval_id: Some(request.id) },
     };
-    match (not_approved(held, status, Some(request.id)), reason) {
-        (
-            Ending::Refused {
-                status,
-                approval_id,
-                ..
-            },
-            Some(reason),
-        ) => Ending::Refused {
-            status,
-            approval_id,
-            reason,
-        },
-        (ending, _) => ending,
-    }
+    not_approved(held, status, Some(request.id), reason)
 }
 
 /// The question, with secrets redacted.
@@ -639,7 +634,7 @@ async fn ask_host(
     tokio::select! {
         reply = answered => match reply {
             Ok(HostReply::Result(result)) => match prompt::read_answer(&result) {
-                Some(status) => Some(not_approved(held, status, Some(approval_id))),
+                Some(status) => Some(not_approved(held, status, Some(approval_id), None)),
                 None => {
                     tracing::warn!(answer = %result, "the host's elicitation answer is unreadable: next approval channel");
                     None
@@ -653,7 +648,7 @@ async fn ask_host(
         },
         _ = tokio::time::sleep_until(deadline) => {
             withdraw("approval timed out").await;
-            Some(not_approved(held, Status::Timeout, Some(approval_id)))
+            Some(not_approved(held, Status::Timeout, Some(approval_id), None))
         }
         _ = cancel.cancelled() => {
             withdraw("the call was cancelled").await;
@@ -744,13 +739,7 @@ pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, h
             .unwrap_or(Status::Cancelled)
     };
     if !grant.approved {
-        shared.event("agent.approval.resolved", || {
-            json!({
-                "payload_summary": {"server": shared.server, "tool": held.call.name},
-                "approval": {"approval_id": grant.nonce, "status": status.as_str(), "resolved_by": null},
-                "metadata": {"approval_id": grant.nonce, "status": status.as_str()},
-            })
-        });
+        resolved_event(shared, &held, Some(&grant.nonce), status);
     }
     if status != Status::Approved {
         let reason = format!(
