@@ -60,7 +60,8 @@ pub struct Audit {
 }
 
 struct Sink {
-    file: File,
+    /// `None` once closed.
+    file: Option<File>,
     path: PathBuf,
     line: Vec<u8>,
 }
@@ -86,7 +87,7 @@ impl Audit {
             .map_err(err)?;
         Ok(Audit {
             file: Some(Mutex::new(Sink {
-                file,
+                file: Some(file),
                 path: path.to_owned(),
                 line: Vec::with_capacity(512),
             })),
@@ -102,6 +103,7 @@ impl Audit {
         let Some(sink) = &self.file else { return };
         let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
         let Sink { file, path, line } = &mut *sink;
+        let Some(file) = file else { return };
         line.clear();
         if let Err(e) = serde_json::to_writer(&mut *line, record) {
             tracing::error!(error = %e, "audit record not serialisable");
@@ -113,9 +115,12 @@ impl Audit {
         }
     }
 
-    /// Stops writing; every record written so far is in the file.
-    pub fn close(&mut self) {
-        self.file = None;
+    /// Stops writing (a reader thread may outlive the session); every record written so far
+    /// is in the file.
+    pub fn close(&self) {
+        if let Some(sink) = &self.file {
+            sink.lock().unwrap_or_else(|e| e.into_inner()).file = None;
+        }
     }
 }
 
@@ -128,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nested/audit.jsonl");
         for outcome in ["forwarded", "blocked"] {
-            let mut audit = Audit::open(&path).unwrap();
+            let audit = Audit::open(&path).unwrap();
             audit.write(&Record {
                 ts: now(),
                 run_id: "run_mcp_x",

@@ -4,15 +4,24 @@
 //! the read buffer) and caps their length: a line longer than the limit is discarded up to its
 //! newline, so the stream stays in sync, and reported as [`Frame::TooLong`] with its first bytes
 //! (enough to read an `id` from, see [`sniff_id`]). A trailing `\r` and a leading UTF-8 BOM are
-//! stripped; empty lines are skipped. The buffer lives on the struct, so `next` may be cancelled
-//! in a `select!` without losing a partial line.
+//! stripped; empty lines are skipped.
 //!
-//! [`write_loop`] is the one writer of an output: it writes each message and a newline, and
-//! flushes whenever no further message is queued.
+//! [`Outlet`] is the one writer of an output, whoever has a message for it: messages are queued
+//! whole ([`Outlet::push`], which never waits on the output) and written with a newline each,
+//! everything queued in one `writev`, by [`Outlet::flush`] (a reader thread, before it waits for
+//! more input) or [`Outlet::flush_async`] (a task of the runtime, which never blocks on the
+//! output: what a full pipe will not take at once is finished on the blocking pool).
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::{Buf, Bytes, BytesMut};
+use nix::poll::PollFlags;
+use tokio::sync::Notify;
 
 use crate::jsonrpc::Id;
 
@@ -33,6 +42,7 @@ pub enum Frame {
 pub struct LineReader<R> {
     inner: R,
     buf: BytesMut,
+    scratch: Box<[u8]>,
     /// Bytes of `buf` already searched for a newline.
     scanned: usize,
     max: usize,
@@ -40,30 +50,49 @@ pub struct LineReader<R> {
     discarding: Option<Bytes>,
 }
 
-impl<R: AsyncRead + Unpin> LineReader<R> {
+impl<R: Read> LineReader<R> {
     pub fn new(inner: R, max_line: usize) -> Self {
         LineReader {
             inner,
             buf: BytesMut::with_capacity(CHUNK),
+            scratch: vec![0; CHUNK].into_boxed_slice(),
             scanned: 0,
             max: max_line,
             discarding: None,
         }
     }
 
-    /// The next frame, or `None` at end of input. Cancel-safe.
-    pub async fn next(&mut self) -> std::io::Result<Option<Frame>> {
+    /// The next frame, or `None` at end of input. `idle` runs whenever every complete line
+    /// read so far has been taken and the reader is about to wait for more: the moment to flush
+    /// what the lines produced.
+    pub fn next(&mut self, mut idle: impl FnMut()) -> io::Result<Option<Frame>> {
         loop {
             if let Some(frame) = self.take_frame() {
                 return Ok(Some(frame));
             }
+            idle();
             if self.buf.capacity() - self.buf.len() < CHUNK {
                 // Grow at least geometrically, so a long line costs amortised linear copying.
                 let extra = CHUNK.max(self.buf.len().min(self.max + 1));
                 self.buf.reserve(extra);
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            if self.read_more()? == 0 {
                 return Ok(self.finish());
+            }
+        }
+    }
+
+    /// One `read`, appended to the buffer. It goes through `scratch`, zeroed once, because a
+    /// read straight into the buffer's spare capacity would need it zeroed before every read.
+    fn read_more(&mut self) -> io::Result<usize> {
+        loop {
+            match self.inner.read(&mut self.scratch) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+                Ok(n) => {
+                    self.buf.extend_from_slice(&self.scratch[..n]);
+                    return Ok(n);
+                }
             }
         }
     }
@@ -222,61 +251,254 @@ impl Scanner<'_> {
     }
 }
 
-/// Messages up to this size are copied into the write buffer; larger ones are written from
-/// where they are.
-const COPY_MAX: usize = 64 * 1024;
-/// A write gathers queued messages up to about this much.
-const GATHER: usize = 256 * 1024;
+/// Slices gathered into one `writev`.
+const GATHER: usize = 64;
+/// How much the host reader lets queue up for an output that is not taking it, reading on
+/// meanwhile, so that it still sees the host's end of input and cancellations.
+pub const BACKLOG: usize = 8 * 1024 * 1024;
 
-/// The single writer of one output: writes each queued message plus `\n`, gathering whatever
-/// is already queued into one write, and flushing whenever the queue is momentarily empty.
-/// Returns when every sender is gone (after a final flush) or the output fails.
-pub async fn write_loop<W: AsyncWrite + Unpin>(
-    mut out: W,
-    mut rx: mpsc::Receiver<Bytes>,
-) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::with_capacity(COPY_MAX);
-    while let Some(first) = rx.recv().await {
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            if msg.len() > COPY_MAX {
-                if !buf.is_empty() {
-                    out.write_all(&buf).await?;
-                    buf.clear();
-                }
-                out.write_all(&msg).await?;
-                out.write_all(b"\n").await?;
-            } else {
-                buf.extend_from_slice(&msg);
-                buf.push(b'\n');
-            }
-            if buf.len() < GATHER {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !buf.is_empty() {
-            out.write_all(&buf).await?;
-            buf.clear();
-        }
-        if buf.capacity() > 4 * GATHER {
-            buf.shrink_to(COPY_MAX);
-        }
-        if rx.is_empty() {
-            out.flush().await?;
+/// One output (our stdout, or the server's stdin). Lines never tear: a message goes into the
+/// queue whole, and only the holder of the write lock takes from the queue, finishing whatever
+/// an earlier write left half-done before anything else.
+pub struct Outlet {
+    name: &'static str,
+    /// Messages not yet taken by a writer.
+    queue: Mutex<VecDeque<Bytes>>,
+    writer: Mutex<Writer>,
+    /// The descriptor is non-blocking, so a task of the runtime may try a write itself.
+    nonblocking: bool,
+    /// Bytes queued or taken and not yet written.
+    backlog: AtomicUsize,
+    /// Set once the output failed (or was closed): later messages are dropped.
+    broken: AtomicBool,
+    on_broken: Notify,
+}
+
+struct Writer {
+    file: Option<File>,
+    /// Taken from the queue, not yet (wholly) written: messages and their newlines.
+    out: VecDeque<Bytes>,
+}
+
+static NEWLINE: Bytes = Bytes::from_static(b"\n");
+
+/// Whether a write may wait for the output to take it.
+#[derive(Clone, Copy, PartialEq)]
+enum Wait {
+    Yes,
+    No,
+}
+
+impl Outlet {
+    /// An outlet writing to `file` (none: everything is dropped, as for a closed stdout).
+    pub fn new(name: &'static str, file: Option<File>, nonblocking: bool) -> Outlet {
+        let broken = file.is_none();
+        Outlet {
+            name,
+            queue: Mutex::new(VecDeque::new()),
+            writer: Mutex::new(Writer {
+                file,
+                out: VecDeque::new(),
+            }),
+            nonblocking,
+            backlog: AtomicUsize::new(0),
+            broken: AtomicBool::new(broken),
+            on_broken: Notify::new(),
         }
     }
-    out.flush().await?;
-    out.shutdown().await
+
+    /// Queues one message (without its newline). Never waits on the output.
+    pub fn push(&self, msg: Bytes) {
+        if !self.is_broken() {
+            self.backlog.fetch_add(msg.len() + 1, Ordering::Relaxed);
+            lock(&self.queue).push_back(msg);
+        }
+    }
+
+    /// Like [`Outlet::flush`], but while the output does not take what is queued and less than
+    /// [`BACKLOG`] is, it returns as soon as `input` has something to read (the reader reads on,
+    /// and is back here when it waits again). A thread holding the write lock writes this
+    /// thread's messages too, so it does not wait for that lock either, below [`BACKLOG`].
+    pub fn flush_unless_readable(&self, input: BorrowedFd<'_>) {
+        while !self.is_empty() {
+            let under = self.backlog.load(Ordering::Relaxed) < BACKLOG;
+            let mut writer = match self.writer.try_lock() {
+                Ok(writer) => writer,
+                Err(_) if under => return,
+                Err(_) => lock(&self.writer),
+            };
+            match self.write_out(&mut writer, Wait::No) {
+                Ok(true) => {}
+                Ok(false) => {
+                    let Some(out) = writer.file.as_ref() else {
+                        return;
+                    };
+                    let ready = if under {
+                        crate::stdio::wait_either(input, out.as_fd())
+                    } else {
+                        crate::stdio::wait(out.as_fd(), PollFlags::POLLOUT).map(|()| false)
+                    };
+                    match ready {
+                        Ok(true) => return,
+                        Ok(false) => {}
+                        Err(e) => {
+                            self.fail(e);
+                            return;
+                        }
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    /// Writes everything queued, waiting for the output as long as it takes. For threads.
+    pub fn flush(&self) {
+        // A task that found the lock taken left its message queued: it is taken here, after
+        // the lock is let go, or by the thread that holds it next.
+        while !self.is_empty() {
+            let mut writer = lock(&self.writer);
+            if self.write_out(&mut writer, Wait::Yes).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Writes everything queued without blocking the calling task: the write is tried on the
+    /// spot when the descriptor allows it, and finished on the blocking pool when the output
+    /// cannot take it all at once (or while a thread is writing, which then writes it too).
+    pub async fn flush_async(self: &Arc<Self>) {
+        if self.is_empty() {
+            return;
+        }
+        if self.nonblocking {
+            loop {
+                let Ok(mut writer) = self.writer.try_lock() else {
+                    // The holder takes from the queue again after it lets go (see `flush`).
+                    return;
+                };
+                match self.write_out(&mut writer, Wait::No) {
+                    Ok(true) if self.is_empty() => return,
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) => return,
+                }
+            }
+        }
+        // What the output would not take at once (or a descriptor that only blocks).
+        let outlet = self.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = outlet.write_out(&mut lock(&outlet.writer), Wait::Yes);
+            outlet.flush();
+        })
+        .await;
+    }
+
+    /// Writes what is queued, then closes the output (the server sees end of input). Waits for
+    /// the output: run it where that may take long.
+    pub fn close(&self) {
+        self.flush();
+        let mut writer = lock(&self.writer);
+        writer.file = None;
+        writer.out.clear();
+        self.set_broken();
+    }
+
+    /// Resolves once the output failed: the reader at the other end is gone.
+    pub async fn broken(&self) {
+        while !self.is_broken() {
+            self.on_broken.notified().await;
+        }
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Acquire)
+    }
+
+    fn set_broken(&self) {
+        self.broken.store(true, Ordering::Release);
+        lock(&self.queue).clear();
+        self.backlog.store(0, Ordering::Relaxed);
+        self.on_broken.notify_one();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.is_broken() || lock(&self.queue).is_empty()
+    }
+
+    /// With the write lock held: writes what an earlier write left and everything queued.
+    /// `Ok(false)`: the output would block and `wait` said not to.
+    fn write_out(&self, writer: &mut Writer, wait: Wait) -> io::Result<bool> {
+        let Writer { file, out } = writer;
+        loop {
+            if out.is_empty() {
+                for msg in lock(&self.queue).drain(..) {
+                    out.push_back(msg);
+                    out.push_back(NEWLINE.clone());
+                }
+            }
+            if out.is_empty() {
+                return Ok(true);
+            }
+            let Some(f) = file.as_mut() else {
+                out.clear();
+                return Ok(true);
+            };
+            let mut slices = [IoSlice::new(&[]); GATHER];
+            let n = out.len().min(GATHER);
+            for (slice, msg) in slices.iter_mut().zip(out.iter()) {
+                *slice = IoSlice::new(msg);
+            }
+            match f.write_vectored(&slices[..n]) {
+                Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
+                Ok(mut written) => {
+                    self.backlog.fetch_sub(written, Ordering::Relaxed);
+                    while written > 0 {
+                        let Some(first) = out.front_mut() else { break };
+                        if written >= first.len() {
+                            written -= first.len();
+                            out.pop_front();
+                        } else {
+                            first.advance(written);
+                            written = 0;
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if wait == Wait::No {
+                        return Ok(false);
+                    }
+                    if let Err(e) = crate::stdio::wait(f.as_fd(), PollFlags::POLLOUT) {
+                        return Err(self.fail(e));
+                    }
+                }
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+    }
+
+    fn fail(&self, e: io::Error) -> io::Error {
+        if !self.is_broken() {
+            tracing::debug!(output = self.name, error = %e, "output closed");
+        }
+        self.set_broken();
+        e
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    async fn frames(input: &[u8], max: usize) -> Vec<Frame> {
+    fn frames(input: &[u8], max: usize) -> Vec<Frame> {
         let mut r = LineReader::new(input, max);
         let mut out = Vec::new();
-        while let Some(f) = r.next().await.unwrap() {
+        while let Some(f) = r.next(|| {}).unwrap() {
             out.push(f);
         }
         out
@@ -286,17 +508,17 @@ mod tests {
         Frame::Line(Bytes::copy_from_slice(s.as_bytes()))
     }
 
-    #[tokio::test]
-    async fn lines_are_cut_and_cleaned() {
-        let got = frames(b"\xEF\xBB\xBFa\r\n\n  \nb\nc", 100).await;
+    #[test]
+    fn lines_are_cut_and_cleaned() {
+        let got = frames(b"\xEF\xBB\xBFa\r\n\n  \nb\nc", 100);
         assert_eq!(got, vec![line("a"), line("b"), line("c")]);
     }
 
-    #[tokio::test]
-    async fn long_lines_are_discarded_and_the_stream_stays_in_sync() {
+    #[test]
+    fn long_lines_are_discarded_and_the_stream_stays_in_sync() {
         let long = format!("{{\"id\":5,\"x\":\"{}\"}}", "y".repeat(300_000));
         let input = format!("a\n{long}\nb\n{long}");
-        let got = frames(input.as_bytes(), 1000).await;
+        let got = frames(input.as_bytes(), 1000);
         assert_eq!(got.len(), 4);
         assert_eq!(got[0], line("a"));
         assert_eq!(got[2], line("b"));
@@ -308,9 +530,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_limit_is_exact() {
-        let got = frames(b"12345\n123456\n", 5).await;
+    #[test]
+    fn the_limit_is_exact() {
+        let got = frames(b"12345\n123456\n", 5);
         assert_eq!(got[0], line("12345"));
         assert!(matches!(got[1], Frame::TooLong { .. }));
     }

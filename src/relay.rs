@@ -1,24 +1,28 @@
 //! The relay: one session between the host (our stdin/stdout) and the upstream server.
 //!
-//! Tasks, each with one job:
-//! - the **host reader** classifies every line from the host; it forwards what it understood,
-//!   answers what it refused, and puts every `tools/call` through the guard before forwarding;
-//! - the **upstream reader** does the same for the server's lines: responses are matched to the
-//!   host's requests (to learn tool annotations from `tools/list` and to answer whatever is
-//!   still pending if the server dies), and only JSON-RPC ever reaches our stdout;
-//! - one **writer** per output ([`framing::write_loop`]), fed by a channel, so lines never tear
-//!   and each direction keeps its order;
-//! - [`run`] itself waits for the first of: host EOF, a signal, the server exiting, and then
-//!   runs the one shutdown path.
+//! Each direction is read by a thread of its own that does the whole job of a line on the spot,
+//! the way a bare byte relay would, with no hand-off between reading and writing:
+//! - the **host reader** ([`from_host`]) classifies every line from the host; it forwards what it
+//!   understood, answers what it refused, and puts every `tools/call` through the guard before
+//!   forwarding;
+//! - the **upstream reader** ([`from_upstream`]) does the same for the server's lines: responses
+//!   are matched to the host's requests (to learn tool annotations from `tools/list` and to
+//!   answer whatever is still pending if the server dies), and only JSON-RPC ever reaches our
+//!   stdout;
+//! - each output has one [`Outlet`]: whole messages are queued and written together when the
+//!   reader that produced them is about to wait for more input, so lines never tear, each
+//!   producer keeps its order, and a burst of lines costs one `writev`.
 //!
-//! The host side lives in [`from_host`], the upstream side in [`from_upstream`], calls that wait
-//! (on the guard service or a human) in [`held`], and what they share in [`state`]; the
-//! submodules see this module's imports.
+//! The async runtime (one thread) holds everything that waits: calls on the guard service or a
+//! human ([`held`]), the server's exit, signals, timers. [`run`] waits for the first of: host
+//! EOF, our stdout closing, a signal, the server exiting, and then runs the one shutdown path.
 //!
-//! Forwarded messages are the original bytes of the line. The state both readers share
-//! ([`Shared`]) sits behind short, uncontended locks and is never held across an await.
+//! Forwarded messages are the original bytes of the line. What both readers and the held calls
+//! share ([`state`]) sits behind short, uncontended locks, never held across an await or a
+//! write; the submodules see this module's imports.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,7 +30,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use tokio_util::sync::CancellationToken;
@@ -34,12 +38,13 @@ use tokio_util::sync::CancellationToken;
 use crate::approval::{self, Status};
 use crate::audit::{self, Audit, Record};
 use crate::config::{ApprovalChannel, BlockResponse, Config, ErrorCodes, FailureMode};
-use crate::framing::{self, Frame, LineReader};
+use crate::framing::{self, Frame, LineReader, Outlet};
 use crate::guard::metadata::ListedTool;
 use crate::guard::{self, Action, Guard, Mode};
 use crate::jsonrpc::{self, Id, Kind, Message, Parsed, Rejection, Reply, code};
 use crate::redact::Redactor;
 use crate::remote;
+use crate::stdio::{self, Input};
 use crate::upstream::{self, Upstream};
 
 mod from_host;
@@ -47,12 +52,7 @@ mod from_upstream;
 mod held;
 mod state;
 
-use from_host::host_loop;
-use from_upstream::upstream_loop;
 use state::Shared;
-
-/// Capacity of each output queue; a full queue pushes back on the reader that feeds it.
-const QUEUE: usize = 1024;
 
 /// Why the session ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,32 +79,27 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
         "upstream started"
     );
 
-    let (to_host, host_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let (to_upstream, upstream_rx) = mpsc::channel::<Bytes>(QUEUE);
-    let mut host_writer = tokio::spawn(framing::write_loop(crate::stdio::stdout(), host_rx));
-    let upstream_writer = tokio::spawn(framing::write_loop(child_stdin, upstream_rx));
-
     let max = config.max_message_bytes;
-    let shared = Arc::new(Shared::new(config, audit, to_host));
-    let mut host_reader = tokio::spawn(host_loop(shared.clone(), to_upstream, max));
-    let mut upstream_reader = tokio::spawn(upstream_loop(
-        shared.clone(),
-        LineReader::new(child_stdout, max),
+    let shared = Arc::new(Shared::new(
+        config,
+        audit,
+        Arc::new(stdio::stdout()),
+        Arc::new(child_stdin),
     ));
+    let mut host_reader = reader_thread("host reader", {
+        let shared = shared.clone();
+        move || from_host::host_loop(&shared, stdio::stdin(), max)
+    });
+    let mut upstream_reader = reader_thread("upstream reader", {
+        let shared = shared.clone();
+        move || from_upstream::upstream_loop(&shared, child_stdout, max)
+    });
 
     let mut signals = Signals::new();
     let mut exited = None;
-    let mut host_gone = false;
-    let mut host_read = false;
     let quit = tokio::select! {
-        _ = &mut host_reader => {
-            host_read = true;
-            Quit::HostClosed
-        }
-        _ = &mut host_writer => {
-            host_gone = true;
-            Quit::HostClosed
-        }
+        _ = &mut host_reader => Quit::HostClosed,
+        _ = shared.to_host.broken() => Quit::HostClosed,
         sig = signals.recv() => Quit::Signal(sig),
         status = upstream.wait() => {
             exited = status.ok();
@@ -113,23 +108,18 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     };
     tracing::debug!(?quit, "session ending");
 
-    // Stop reading the host: that drops the last sender to the upstream writer, which then
-    // closes the server's stdin, the primary shutdown signal for a stdio server. The grace
-    // period runs from now, while the queue drains: a server that stopped reading cannot stretch
-    // it (its stdin is closed when the period ends, with whatever was still queued).
-    if !host_read {
-        host_reader.abort();
-        let _ = host_reader.await;
-    }
+    // Stop reading the host, and close the server's stdin once what was queued for it is
+    // written: the primary shutdown signal for a stdio server. The grace period runs from now:
+    // a server that stopped reading cannot stretch it (it is signalled when the period ends,
+    // whatever was still queued).
+    shared.closing.store(true, Ordering::Release);
     shared.cancel_held().await;
-    let mut upstream_writer = upstream_writer;
-    let drain = async {
-        if tokio::time::timeout(upstream::GRACE, &mut upstream_writer)
-            .await
-            .is_err()
-        {
-            upstream_writer.abort();
-        }
+    let drain = {
+        let to_upstream = shared.to_upstream.clone();
+        tokio::time::timeout(
+            upstream::GRACE,
+            tokio::task::spawn_blocking(move || to_upstream.close()),
+        )
     };
     let status = match exited {
         Some(status) => {
@@ -139,41 +129,41 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
         None => tokio::join!(drain, upstream.stop(upstream::GRACE)).1.ok(),
     };
     // The server is gone: read what it wrote last, then answer whatever it left unanswered.
-    if tokio::time::timeout(upstream::GRACE, &mut upstream_reader)
-        .await
-        .is_err()
-    {
-        upstream_reader.abort();
-        let _ = upstream_reader.await;
-    }
-    shared.fail_pending().await;
+    let _ = tokio::time::timeout(upstream::GRACE, &mut upstream_reader).await;
+    shared.fail_pending();
     if let Some(remote) = &shared.remote {
         remote.close(upstream::GRACE).await;
     }
-    let Shared { to_host, audit, .. } = match Arc::try_unwrap(shared) {
-        Ok(shared) => shared,
-        Err(_) => {
-            tracing::error!("session state still shared at exit");
-            return 1;
-        }
-    };
-    drop(to_host);
     // Likewise a host that stopped reading our stdout.
-    if !host_gone
-        && tokio::time::timeout(upstream::GRACE, &mut host_writer)
-            .await
-            .is_err()
-    {
-        host_writer.abort();
-    }
-    let mut audit = audit;
-    audit.close();
+    let to_host = shared.to_host.clone();
+    let _ = tokio::time::timeout(
+        upstream::GRACE,
+        tokio::task::spawn_blocking(move || to_host.close()),
+    )
+    .await;
+    shared.audit.close();
 
     match quit {
         Quit::HostClosed => 0,
         Quit::Signal(sig) => 128u8.wrapping_add(sig as u8),
         Quit::UpstreamExited => status.map(upstream::exit_code).unwrap_or(1),
     }
+}
+
+/// Runs `job` on a thread of its own; the receiver resolves when it returns. A thread blocked
+/// in `read` cannot be cancelled: one still running when the session ends goes with the process.
+fn reader_thread(name: &str, job: impl FnOnce() + Send + 'static) -> oneshot::Receiver<()> {
+    let (done, finished) = oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            job();
+            let _ = done.send(());
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the {name} thread");
+    }
+    finished
 }
 
 // === signals ===

@@ -1,70 +1,117 @@
-//! The proxy's own stdin and stdout as non-blocking, reactor-driven handles.
+//! The descriptors the relay's threads read and write: our own stdin and stdout, and the
+//! server's pipes.
 //!
-//! `tokio::io::stdin()` and `stdout()` hand every read and write to the blocking thread pool:
-//! two thread hops per message, and a read that cannot be cancelled at shutdown. Hosts connect
-//! stdio with pipes (or, like Node, with socket pairs), which the reactor can drive directly, so
-//! those are taken over as such (on a duplicate of the descriptor, set non-blocking). Anything
-//! else (a terminal, a file, `/dev/null`) keeps the thread-pool handles. stdout stays blocking
-//! when stderr shares its pipe, so log lines can never meet a full non-blocking pipe.
+//! Each direction of the relay is read by a thread of its own that blocks in `read`, the way a
+//! bare byte relay does: one wake-up per burst of input, no event loop in between. A descriptor
+//! may be non-blocking all the same (a host may hand one over so, and the proxy makes its
+//! outputs so where it safely can, see [`stdout`]); then `EAGAIN` waits in `poll`.
 
 use std::fs::File;
+use std::io::{self, Read};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 
-pub type Input = Box<dyn AsyncRead + Send + Unpin>;
-pub type Output = Box<dyn AsyncWrite + Send + Unpin>;
+use crate::framing::Outlet;
 
-enum Kind {
-    Pipe,
-    Socket,
-    Other,
+/// A blocking reader over a descriptor that may be non-blocking.
+pub struct Input(Option<File>);
+
+impl Input {
+    pub fn new(fd: OwnedFd) -> Input {
+        Input(Some(File::from(fd)))
+    }
+
+    /// A second descriptor for the same input, to `poll` on while the first is being read.
+    pub fn watch(&self) -> Option<OwnedFd> {
+        self.0.as_ref()?.as_fd().try_clone_to_owned().ok()
+    }
 }
 
-fn kind(fd: BorrowedFd<'_>) -> Option<(Kind, (u64, u64), OwnedFd)> {
-    let owned = fd.try_clone_to_owned().ok()?;
-    let file = File::from(owned);
-    let meta = file.metadata().ok()?;
-    let t = meta.file_type();
-    let kind = if t.is_fifo() {
-        Kind::Pipe
-    } else if t.is_socket() {
-        Kind::Socket
+impl Read for Input {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(file) = &mut self.0 else {
+            return Ok(0);
+        };
+        loop {
+            match file.read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    wait(file.as_fd(), PollFlags::POLLIN)?
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
+            }
+        }
+    }
+}
+
+/// Blocks until `fd` is ready for `events` (or has hung up, which the next call reports).
+pub fn wait(fd: BorrowedFd<'_>, events: PollFlags) -> io::Result<()> {
+    let mut fds = [PollFd::new(fd, events)];
+    match poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Blocks until `input` has something to read (`true`) or `output` takes more (`false`).
+pub fn wait_either(input: BorrowedFd<'_>, output: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut fds = [
+        PollFd::new(input, PollFlags::POLLIN),
+        PollFd::new(output, PollFlags::POLLOUT),
+    ];
+    match poll(&mut fds, PollTimeout::NONE) {
+        Ok(_) => Ok(fds[0].any().unwrap_or(false)),
+        Err(nix::errno::Errno::EINTR) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sets or clears `O_NONBLOCK` on the open file description behind `fd`.
+pub fn set_nonblocking(fd: BorrowedFd<'_>, on: bool) -> io::Result<()> {
+    let flags = OFlag::from_bits_retain(fcntl(fd, FcntlArg::F_GETFL)?);
+    let flags = if on {
+        flags | OFlag::O_NONBLOCK
     } else {
-        Kind::Other
+        flags - OFlag::O_NONBLOCK
     };
-    Some((kind, (meta.dev(), meta.ino()), OwnedFd::from(file)))
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
+    Ok(())
 }
 
-/// The host's side of our stdin.
+/// Our stdin, as the host reader's input (a duplicate of descriptor 0; closed stdin reads as
+/// end of input).
 pub fn stdin() -> Input {
-    let reactor: Option<Input> = match kind(std::io::stdin().as_fd()) {
-        Some((Kind::Pipe, _, fd)) => tokio::net::unix::pipe::Receiver::from_owned_fd(fd)
+    Input(
+        io::stdin()
+            .as_fd()
+            .try_clone_to_owned()
             .ok()
-            .map(|r| Box::new(r) as Input),
-        Some((Kind::Socket, _, fd)) => socket(fd).map(|s| Box::new(s) as Input),
-        _ => None,
-    };
-    reactor.unwrap_or_else(|| Box::new(tokio::io::stdin()))
+            .map(File::from),
+    )
 }
 
-/// The host's side of our stdout.
-pub fn stdout() -> Output {
-    let stderr_id = kind(std::io::stderr().as_fd()).map(|(_, id, _)| id);
-    let reactor: Option<Output> = match kind(std::io::stdout().as_fd()) {
-        Some((_, id, _)) if Some(id) == stderr_id => None,
-        Some((Kind::Pipe, _, fd)) => tokio::net::unix::pipe::Sender::from_owned_fd(fd)
-            .ok()
-            .map(|s| Box::new(s) as Output),
-        Some((Kind::Socket, _, fd)) => socket(fd).map(|s| Box::new(s) as Output),
-        _ => None,
+/// Our stdout, as the host's [`Outlet`]. A pipe or socket is made non-blocking, so that tasks
+/// of the runtime can write to it without ever stalling there; anything else (a terminal, a
+/// file), or a stdout that stderr shares (log lines must never meet a full non-blocking pipe,
+/// nor should the server, which inherits our stderr), stays as it is.
+pub fn stdout() -> Outlet {
+    let Ok(fd) = io::stdout().as_fd().try_clone_to_owned() else {
+        return Outlet::new("stdout", None, false);
     };
-    reactor.unwrap_or_else(|| Box::new(tokio::io::stdout()))
-}
-
-fn socket(fd: OwnedFd) -> Option<tokio::net::UnixStream> {
-    let stream = std::os::unix::net::UnixStream::from(fd);
-    stream.set_nonblocking(true).ok()?;
-    tokio::net::UnixStream::from_std(stream).ok()
+    let file = File::from(fd);
+    let id = |f: &File| f.metadata().ok().map(|m| (m.dev(), m.ino(), m.file_type()));
+    let stderr = io::stderr()
+        .as_fd()
+        .try_clone_to_owned()
+        .ok()
+        .map(File::from);
+    let ours = id(&file);
+    let shared_with_stderr =
+        stderr.as_ref().and_then(id).map(|(d, i, _)| (d, i)) == ours.map(|(d, i, _)| (d, i));
+    let stream = ours.is_some_and(|(_, _, t)| t.is_fifo() || t.is_socket());
+    let nonblocking = stream && !shared_with_stderr && set_nonblocking(file.as_fd(), true).is_ok();
+    Outlet::new("stdout", Some(file), nonblocking)
 }

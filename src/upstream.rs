@@ -7,13 +7,17 @@
 //! itself, then SIGTERM the group, then SIGKILL it; it also sweeps up group members left behind
 //! by a server that exited on its own. `kill_on_drop` is the last line of defence.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::process::{Child, Command};
+
+use crate::framing::Outlet;
+use crate::stdio::{self, Input};
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,7 +57,9 @@ pub struct Upstream {
 pub const GRACE: Duration = Duration::from_secs(2);
 
 impl Upstream {
-    pub fn spawn(spec: &UpstreamSpec) -> Result<(Upstream, ChildStdin, ChildStdout), SpawnError> {
+    /// Starts the server; also returns its stdin (non-blocking, so the runtime's tasks may try
+    /// writes themselves) and its stdout (blocking, for the reader thread).
+    pub fn spawn(spec: &UpstreamSpec) -> Result<(Upstream, Outlet, Input), SpawnError> {
         let mut cmd = Command::new(&spec.command);
         cmd.args(&spec.args)
             .envs(spec.env.iter().map(|(k, v)| (k, v)))
@@ -76,13 +82,20 @@ impl Upstream {
         let stdin = child
             .stdin
             .take()
-            .ok_or_else(|| err(std::io::Error::other("no stdin")))?;
+            .ok_or_else(|| err(std::io::Error::other("no stdin")))?
+            .into_owned_fd()
+            .map_err(err)?;
         let stdout = child
             .stdout
             .take()
-            .ok_or_else(|| err(std::io::Error::other("no stdout")))?;
+            .ok_or_else(|| err(std::io::Error::other("no stdout")))?
+            .into_owned_fd()
+            .map_err(err)?;
+        // tokio hands both back blocking; its stdin is wanted non-blocking.
+        stdio::set_nonblocking(stdin.as_fd(), true).map_err(err)?;
         let pgid = Pid::from_raw(pid as i32);
-        Ok((Upstream { child, pgid }, stdin, stdout))
+        let stdin = Outlet::new("the server's stdin", Some(stdin.into()), true);
+        Ok((Upstream { child, pgid }, stdin, Input::new(stdout)))
     }
 
     /// The process id (and process-group id) of the server.

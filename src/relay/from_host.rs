@@ -1,7 +1,9 @@
 //! Host → upstream: every line the host sends is classified, refused or forwarded; every
 //! `tools/call` goes through the guard first. A call the local rules settle is forwarded or
 //! refused on the spot; one that must wait (for the guard service or a human) goes to a task of
-//! its own ([`held`]), so nothing else waits with it.
+//! its own on the runtime ([`held`]), so nothing else waits with it.
+
+use std::os::fd::AsFd;
 
 use super::held::{self, HeldCall};
 use super::state::{Batch, Expect, HostReply, Origin, Pending, take_if_complete, with_id};
@@ -9,16 +11,33 @@ use super::*;
 
 // === host → upstream ===
 
-pub(super) async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Bytes>, max: usize) {
-    let mut reader = LineReader::new(crate::stdio::stdin(), max);
+/// The host reader thread: runs until the host closes our stdin or the session ends.
+pub(super) fn host_loop(shared: &Arc<Shared>, input: Input, max: usize) {
+    let watch = input.watch();
+    let mut reader = LineReader::new(input, max);
     let host = HostSide {
-        shared: &shared,
-        shared_arc: &shared,
-        to_upstream: &to_upstream,
+        shared,
+        shared_arc: shared,
+    };
+    // Outputs that do not take what the host sent do not stop the reading at once: the host's
+    // EOF and cancellations are still seen (up to a backlog, see `Outlet`).
+    let idle = || match &watch {
+        Some(fd) => {
+            shared.to_upstream.flush_unless_readable(fd.as_fd());
+            shared.to_host.flush_unless_readable(fd.as_fd());
+        }
+        None => {
+            shared.to_upstream.flush();
+            shared.to_host.flush();
+        }
     };
     loop {
-        match reader.next().await {
-            Ok(Some(Frame::Line(line))) => host.line(line).await,
+        let frame = reader.next(&idle);
+        if shared.closing.load(Ordering::Acquire) {
+            break;
+        }
+        match frame {
+            Ok(Some(Frame::Line(line))) => host.line(line),
             Ok(Some(Frame::TooLong { head })) => {
                 let id = framing::sniff_id(&head);
                 tracing::warn!(
@@ -30,7 +49,7 @@ pub(super) async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Byt
                     id,
                     format!("Invalid Request: message longer than maxMessageBytes ({max})"),
                 );
-                shared.reply(None, r.to_response().into()).await;
+                shared.reply(None, r.to_response().into());
             }
             Ok(None) => break,
             Err(e) => {
@@ -39,35 +58,35 @@ pub(super) async fn host_loop(shared: Arc<Shared>, to_upstream: mpsc::Sender<Byt
             }
         }
     }
+    idle();
     tracing::debug!("host closed its stdin");
 }
 
 pub(super) struct HostSide<'a> {
     pub(super) shared: &'a Shared,
     pub(super) shared_arc: &'a Arc<Shared>,
-    pub(super) to_upstream: &'a mpsc::Sender<Bytes>,
 }
 
 impl HostSide<'_> {
-    pub(super) async fn line(&self, line: Bytes) {
+    pub(super) fn line(&self, line: Bytes) {
         match jsonrpc::classify(&line) {
             Parsed::Message(msg) => {
                 let raw = line.clone();
-                self.message(msg, raw, None).await
+                self.message(msg, raw, None)
             }
-            Parsed::Rejected(r) => self.refuse(&r, None).await,
-            Parsed::Batch(items) => self.batch(&items).await,
+            Parsed::Rejected(r) => self.refuse(&r, None),
+            Parsed::Batch(items) => self.batch(&items),
         }
     }
 
-    pub(super) async fn refuse(&self, r: &Rejection, batch: Option<u64>) {
+    pub(super) fn refuse(&self, r: &Rejection, batch: Option<u64>) {
         tracing::warn!(code = r.code, id = ?r.id, "refused host message: {}", r.message);
-        self.shared.reply(batch, r.to_response().into()).await;
+        self.shared.reply(batch, r.to_response().into());
     }
 
     /// A batch: every element is handled as if it came alone; the responses go back as one
     /// array once all are in (none if the batch held no requests).
-    pub(super) async fn batch(&self, items: &[&RawValue]) {
+    pub(super) fn batch(&self, items: &[&RawValue]) {
         let b = {
             let mut batches = self.shared.batches();
             batches.0 += 1;
@@ -90,11 +109,11 @@ impl HostSide<'_> {
                         expected += 1;
                     }
                     let raw = Bytes::copy_from_slice(item.get().as_bytes());
-                    self.message(msg, raw, Some(b)).await;
+                    self.message(msg, raw, Some(b));
                 }
                 Err(r) => {
                     expected += 1;
-                    self.refuse(&r, Some(b)).await;
+                    self.refuse(&r, Some(b));
                 }
             }
         }
@@ -110,14 +129,14 @@ impl HostSide<'_> {
             done
         };
         if let Some(array) = done {
-            let _ = self.shared.to_host.send(array).await;
+            self.shared.to_host.push(array);
         }
     }
 
-    pub(super) async fn message(&self, msg: Message<'_>, raw: Bytes, batch: Option<u64>) {
+    pub(super) fn message(&self, msg: Message<'_>, raw: Bytes, batch: Option<u64>) {
         match &msg.kind {
             Kind::Request { id, method } if method == "tools/call" => {
-                self.tools_call(id, msg.params, raw, batch).await
+                self.tools_call(id, msg.params, raw, batch)
             }
             Kind::Notification { method } if method == "tools/call" => {
                 tracing::warn!("dropped a tools/call sent as a notification (no id)");
@@ -135,7 +154,7 @@ impl HostSide<'_> {
                 self.shared
                     .pending()
                     .insert(id.clone(), Pending { expect, batch });
-                self.forward(raw).await;
+                self.forward(raw);
             }
             Kind::Notification { method } if method == "notifications/cancelled" => {
                 let id = cancelled_id(msg.params);
@@ -148,15 +167,15 @@ impl HostSide<'_> {
                 // do not hold the rest of its batch back for it.
                 let pending = id.and_then(|id| self.shared.pending().remove(&id));
                 if let Some(p) = pending {
-                    self.shared.cancelled_in_batch(p.batch).await;
+                    self.shared.cancelled_in_batch(p.batch);
                 }
-                self.forward(raw).await
+                self.forward(raw)
             }
             Kind::Response { id, body } => {
                 let origin = self.shared.outbound().by_host_id.remove(id);
                 match origin {
                     Some(Origin::Upstream(server_id)) => match with_id(&raw, &server_id) {
-                        Some(raw) => self.forward(raw).await,
+                        Some(raw) => self.forward(raw),
                         None => {
                             tracing::warn!(%id, "dropped a host response that could not be renumbered")
                         }
@@ -175,17 +194,17 @@ impl HostSide<'_> {
                 if method == "notifications/initialized" {
                     self.shared.host().initialized = true;
                 }
-                self.forward(raw).await
+                self.forward(raw)
             }
         }
     }
 
-    pub(super) async fn forward(&self, raw: Bytes) {
-        let _ = self.to_upstream.send(raw).await;
+    pub(super) fn forward(&self, raw: Bytes) {
+        self.shared.to_upstream.push(raw);
     }
 
     /// Guards one `tools/call`: what is forwarded is the very line that was evaluated.
-    pub(super) async fn tools_call(
+    pub(super) fn tools_call(
         &self,
         id: &Id,
         params: Option<&RawValue>,
@@ -200,12 +219,12 @@ impl HostSide<'_> {
                     id: Some(id.clone()),
                     ..r
                 };
-                return self.refuse(&r, batch).await;
+                return self.refuse(&r, batch);
             }
         };
         let shared = self.shared;
         if shared.mode == Mode::Off {
-            return self.forward_call(id, raw, batch, None).await;
+            return self.forward_call(id, raw, batch, None);
         }
         let eval = shared.guard.evaluate(&call.name, &call.arguments);
         let ask_service = shared.remote.is_some() && eval.needs_service();
@@ -234,16 +253,16 @@ impl HostSide<'_> {
             || json!({"payload_summary": {"server": shared.server, "tool": held.call.name}}),
         );
         if held.call.resumes() {
-            return held::resume(shared, self.to_upstream, held).await;
+            return held::resume(shared, held);
         }
         if ask_service || action == Action::AskApproval {
-            return self.hold(held, ask_service).await;
+            return self.hold(held, ask_service);
         }
-        held::conclude(shared, self.to_upstream, held, action).await
+        held::conclude(shared, held, action)
     }
 
     /// Hands a call that must wait to a task of its own, so everything else keeps flowing.
-    pub(super) async fn hold(&self, held: HeldCall, ask_service: bool) {
+    pub(super) fn hold(&self, held: HeldCall, ask_service: bool) {
         let shared = self.shared;
         if shared.held().len() >= shared.max_pending_calls {
             tracing::warn!(
@@ -263,13 +282,12 @@ impl HostSide<'_> {
                 "Too many calls waiting for approval",
                 data,
             );
-            return shared.reply(held.batch, msg).await;
+            return shared.reply(held.batch, msg);
         }
         let cancel = CancellationToken::new();
         shared.held().insert(held.id.clone(), cancel.clone());
-        let task = tokio::spawn(held::wait(
+        let task = shared.runtime.spawn(held::wait(
             self.shared_arc.clone(),
-            self.to_upstream.clone(),
             held,
             ask_service,
             cancel,
@@ -279,7 +297,7 @@ impl HostSide<'_> {
         tasks.push(task);
     }
 
-    pub(super) async fn forward_call(
+    pub(super) fn forward_call(
         &self,
         id: &Id,
         raw: Bytes,
@@ -293,7 +311,7 @@ impl HostSide<'_> {
                 batch,
             },
         );
-        self.forward(raw).await
+        self.forward(raw)
     }
 }
 

@@ -8,13 +8,13 @@ use super::*;
 
 // === upstream → host ===
 
-pub(super) async fn upstream_loop<R: tokio::io::AsyncRead + Unpin>(
-    shared: Arc<Shared>,
-    mut reader: LineReader<R>,
-) {
+/// The upstream reader thread: runs until the server closes its stdout.
+pub(super) fn upstream_loop(shared: &Shared, input: Input, max: usize) {
+    let mut reader = LineReader::new(input, max);
+    let idle = || shared.to_host.flush();
     loop {
-        match reader.next().await {
-            Ok(Some(Frame::Line(line))) => upstream_line(&shared, line).await,
+        match reader.next(&idle) {
+            Ok(Some(Frame::Line(line))) => upstream_line(shared, line),
             Ok(Some(Frame::TooLong { head })) => {
                 let id = framing::sniff_id(&head);
                 tracing::error!(?id, "upstream message over maxMessageBytes dropped");
@@ -26,7 +26,7 @@ pub(super) async fn upstream_loop<R: tokio::io::AsyncRead + Unpin>(
                         "Upstream response longer than maxMessageBytes",
                         Some(&json!({"kind": "upstream_message_too_long"})),
                     );
-                    shared.reply(p.batch, msg.into()).await;
+                    shared.reply(p.batch, msg.into());
                 }
             }
             Ok(None) => break,
@@ -36,14 +36,15 @@ pub(super) async fn upstream_loop<R: tokio::io::AsyncRead + Unpin>(
             }
         }
     }
+    idle();
     tracing::debug!("upstream closed its stdout");
 }
 
-pub(super) async fn upstream_line(shared: &Shared, line: Bytes) {
+pub(super) fn upstream_line(shared: &Shared, line: Bytes) {
     match jsonrpc::classify(&line) {
         Parsed::Message(msg) => {
             let raw = line.clone();
-            upstream_message(shared, msg, raw).await
+            upstream_message(shared, msg, raw)
         }
         Parsed::Rejected(r) => {
             tracing::warn!(
@@ -57,7 +58,7 @@ pub(super) async fn upstream_line(shared: &Shared, line: Bytes) {
                 match jsonrpc::classify_element(item) {
                     Ok(msg) => {
                         let raw = Bytes::copy_from_slice(item.get().as_bytes());
-                        upstream_message(shared, msg, raw).await
+                        upstream_message(shared, msg, raw)
                     }
                     Err(r) => tracing::warn!("dropped an upstream batch element: {}", r.message),
                 }
@@ -66,12 +67,12 @@ pub(super) async fn upstream_line(shared: &Shared, line: Bytes) {
     }
 }
 
-pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
+pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
     match &msg.kind {
         Kind::Response { id, body } => {
             let pending = shared.pending().remove(id);
             let Some(p) = pending else {
-                return shared.reply(None, raw).await;
+                return shared.reply(None, raw);
             };
             let raw = match (p.expect, body) {
                 (Expect::ToolsList, Reply::Result(result)) => {
@@ -107,7 +108,7 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
                 }
                 _ => raw,
             };
-            shared.reply(p.batch, raw).await
+            shared.reply(p.batch, raw)
         }
         Kind::Notification { method } if method == "notifications/cancelled" => {
             // The server gave up on one of its requests: name it as the host knows it.
@@ -120,7 +121,7 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
                 let text = std::str::from_utf8(&raw).ok()?;
                 jsonrpc::replace_member(text, "params", &params).map(Bytes::from)
             });
-            shared.reply(None, remapped.unwrap_or(raw)).await
+            shared.reply(None, remapped.unwrap_or(raw))
         }
         Kind::Notification { method } => {
             let raw = match method.as_ref() {
@@ -131,12 +132,12 @@ pub(super) async fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Byt
                 "notifications/progress" => shift_progress(shared, msg.params, &raw).unwrap_or(raw),
                 _ => raw,
             };
-            shared.reply(None, raw).await
+            shared.reply(None, raw)
         }
         Kind::Request { id, .. } => {
             let host_id = shared.outbound().remap(id);
             match with_id(&raw, &host_id) {
-                Some(raw) => shared.reply(None, raw).await,
+                Some(raw) => shared.reply(None, raw),
                 None => {
                     shared.outbound().by_host_id.remove(&host_id);
                     tracing::warn!(%id, "dropped an upstream request whose id could not be remapped");

@@ -1,6 +1,6 @@
 //! Calls that wait: for the guard service's verdict, then perhaps for a human (SPEC §5, §6).
 //!
-//! Each waiting call runs [`wait`] in a task of its own, registered in the shared `held` map
+//! Each waiting call runs [`wait`] in a task of its own on the runtime, registered in the shared `held` map
 //! under the host's id, so a host `notifications/cancelled` (or the end of the session) ends it
 //! through its [`CancellationToken`]; every other message keeps flowing meanwhile. Whatever ends
 //! the wait, the call leaves the map before it is answered or forwarded.
@@ -53,12 +53,7 @@ enum Ending {
 // === settled on the spot ===
 
 /// Forwards or refuses a call the mode table has decided (nothing to wait for).
-pub(super) async fn conclude(
-    shared: &Shared,
-    to_upstream: &mpsc::Sender<Bytes>,
-    held: HeldCall,
-    action: Action,
-) {
+pub(super) fn conclude(shared: &Shared, held: HeldCall, action: Action) {
     let rule = held.eval.rule().unwrap_or("-");
     let tool = &held.call.name;
     match action {
@@ -76,14 +71,14 @@ pub(super) async fn conclude(
                 }
                 _ => tracing::debug!(%tool, "allowed"),
             }
-            forward(shared, to_upstream, held, None).await
+            forward(shared, held, None)
         }
         Action::Block => {
             shared.audit_call(&held, "blocked");
             tracing::warn!(%tool, rule, "blocked: {}", held.eval.reason());
             refused_event(shared, &held, "blocked");
             let msg = shared.blocked(&held);
-            shared.reply(held.batch, msg).await
+            shared.reply(held.batch, msg)
         }
         Action::AskApproval => unreachable!("approvals wait in a task"),
     }
@@ -92,12 +87,7 @@ pub(super) async fn conclude(
 /// Sends a call upstream. A 2026-07-28 call approved by a human keeps its approval for the
 /// upstream's own `input_required` rounds; a call the proxy sent progress for has the
 /// upstream's progress shifted past the proxy's.
-async fn forward(
-    shared: &Shared,
-    to_upstream: &mpsc::Sender<Bytes>,
-    held: HeldCall,
-    approved: Option<f64>,
-) {
+fn forward(shared: &Shared, held: HeldCall, approved: Option<f64>) {
     let mut track = CallTrack::default();
     if let Some(progressed) = approved {
         if held.call.modern {
@@ -123,7 +113,7 @@ async fn forward(
             batch: held.batch,
         },
     );
-    let _ = to_upstream.send(held.raw).await;
+    shared.to_upstream.push(held.raw);
 }
 
 fn refused_event(shared: &Shared, held: &HeldCall, outcome: &str) {
@@ -138,20 +128,28 @@ fn refused_event(shared: &Shared, held: &HeldCall, outcome: &str) {
 // === the wait ===
 
 /// The task of one waiting call: asks the service when `ask_service`, then acts on the
-/// decision, asking a human when it says so.
+/// decision, asking a human when it says so; and writes what that produced.
 pub(super) async fn wait(
     shared: Arc<Shared>,
-    to_upstream: mpsc::Sender<Bytes>,
-    mut held: HeldCall,
+    held: HeldCall,
     ask_service: bool,
     cancel: CancellationToken,
 ) {
-    let shared = &*shared;
+    decide(&shared, held, ask_service, &cancel).await;
+    shared.flush().await;
+}
+
+async fn decide(
+    shared: &Shared,
+    mut held: HeldCall,
+    ask_service: bool,
+    cancel: &CancellationToken,
+) {
     if ask_service && let Some(service) = &shared.remote {
         let body = evaluate_body(shared, &held);
         let verdict = tokio::select! {
             verdict = service.evaluate(&body) => verdict,
-            _ = cancel.cancelled() => return cancelled(shared, &held, None).await,
+            _ = cancel.cancelled() => return cancelled(shared, &held, None),
         };
         match verdict {
             Ok(verdict) => {
@@ -172,15 +170,15 @@ pub(super) async fn wait(
                 held.eval.take_verdict(verdict);
             }
             Err(failure) => {
-                return guard_failed(shared, &to_upstream, held, &failure).await;
+                return guard_failed(shared, held, &failure);
             }
         }
     }
     match held.eval.action(shared.mode) {
-        Action::AskApproval => approve(shared, &to_upstream, held, &cancel).await,
+        Action::AskApproval => approve(shared, held, cancel).await,
         action => {
             shared.held().remove(&held.id);
-            conclude(shared, &to_upstream, held, action).await
+            conclude(shared, held, action)
         }
     }
 }
@@ -290,12 +288,7 @@ fn evaluate_body<'a>(shared: &'a Shared, held: &'a HeldCall) -> EvaluateBody<'a>
 }
 
 /// The service could not decide: `guardFailureMode` does (monitor mode always forwards).
-async fn guard_failed(
-    shared: &Shared,
-    to_upstream: &mpsc::Sender<Bytes>,
-    held: HeldCall,
-    failure: &remote::Failure,
-) {
+fn guard_failed(shared: &Shared, held: HeldCall, failure: &remote::Failure) {
     shared.held().remove(&held.id);
     let reason = failure.to_string();
     shared.audit_call_with(&held, failure.outcome(), None, None, Some(&reason));
@@ -312,7 +305,7 @@ async fn guard_failed(
     let tool = &held.call.name;
     let Some((code, message)) = refuse else {
         tracing::warn!(%tool, failure = failure.class(), "guard service failed, call forwarded ({}): {reason}", shared.failure_mode.as_str());
-        return forward(shared, to_upstream, held, None).await;
+        return forward(shared, held, None);
     };
     tracing::warn!(%tool, failure = failure.class(), "guard service failed, call refused ({}): {reason}", shared.failure_mode.as_str());
     let mut data = json!({
@@ -327,25 +320,20 @@ async fn guard_failed(
     }
     refused_event(shared, &held, failure.outcome());
     let msg = shared.refusal(&held.id, &held.call, code, message, data);
-    shared.reply(held.batch, msg).await
+    shared.reply(held.batch, msg)
 }
 
 /// The host gave up on the call: no answer, nothing forwarded.
-async fn cancelled(shared: &Shared, held: &HeldCall, approval_id: Option<&str>) {
+fn cancelled(shared: &Shared, held: &HeldCall, approval_id: Option<&str>) {
     shared.held().remove(&held.id);
     tracing::info!(tool = %held.call.name, "held call cancelled");
     shared.audit_call_with(held, "cancelled", approval_id, Some("cancelled"), None);
-    shared.cancelled_in_batch(held.batch).await;
+    shared.cancelled_in_batch(held.batch);
 }
 
 // === asking a human ===
 
-async fn approve(
-    shared: &Shared,
-    to_upstream: &mpsc::Sender<Bytes>,
-    held: HeldCall,
-    cancel: &CancellationToken,
-) {
+async fn approve(shared: &Shared, held: HeldCall, cancel: &CancellationToken) {
     let deadline = StdInstant::now() + shared.approval_timeout;
     let mut progressed = 0.0;
     let ending = {
@@ -366,7 +354,7 @@ async fn approve(
                 Some("approved"),
                 None,
             );
-            forward(shared, to_upstream, held, Some(progressed)).await
+            forward(shared, held, Some(progressed))
         }
         Ending::Refused {
             status,
@@ -376,13 +364,11 @@ async fn approve(
             shared.held().remove(&held.id);
             resolved(approval_id.as_deref(), status);
             tracing::warn!(tool = %held.call.name, approval = ?approval_id, status = status.as_str(), "not approved: {reason}");
-            shared
-                .deny(&held, status, approval_id.as_deref(), &reason)
-                .await
+            shared.deny(&held, status, approval_id.as_deref(), &reason)
         }
         Ending::Cancelled { approval_id } => {
             resolved(approval_id.as_deref(), Status::Cancelled);
-            cancelled(shared, &held, approval_id.as_deref()).await
+            cancelled(shared, &held, approval_id.as_deref())
         }
         Ending::Asked => {}
     }
@@ -416,7 +402,8 @@ async fn with_progress(
                         "message": format!("{} Waiting for approval of {}", prompt::MARK, held.call.name),
                     },
                 });
-                shared.reply(None, Bytes::from(note.to_string())).await;
+                shared.reply(None, Bytes::from(note.to_string()));
+                shared.flush().await;
             }
         }
     }
@@ -443,7 +430,7 @@ async fn ask(
             }
             ApprovalChannel::Elicitation if held.call.modern => {
                 if held.call.elicitation
-                    && let Some(ending) = ask_in_result(shared, held).await
+                    && let Some(ending) = ask_in_result(shared, held)
                 {
                     return ending;
                 }
@@ -618,7 +605,8 @@ async fn ask_host(
     let id = shared.outbound().issue(Origin::Proxy(answer));
     let approval_id = id.as_text().to_string();
     let request = json!({"jsonrpc": "2.0", "id": id.to_value(), "method": "elicitation/create", "params": params});
-    shared.reply(None, Bytes::from(request.to_string())).await;
+    shared.reply(None, Bytes::from(request.to_string()));
+    shared.flush().await;
     requested_event(shared, held, &approval_id, "elicitation");
     tracing::warn!(tool = %held.call.name, approval = %approval_id, "call held: approval asked of the host (elicitation)");
     let withdraw = |why: &'static str| async move {
@@ -628,7 +616,8 @@ async fn ask_host(
             "method": "notifications/cancelled",
             "params": {"requestId": id.to_value(), "reason": why},
         });
-        shared.reply(None, Bytes::from(note.to_string())).await;
+        shared.reply(None, Bytes::from(note.to_string()));
+        shared.flush().await;
     };
     let deadline = tokio::time::Instant::from_std(deadline);
     tokio::select! {
@@ -659,7 +648,7 @@ async fn ask_host(
 
 /// `elicitation` in a 2026-07-28 session: the call is answered with `input_required`, the
 /// question under the proxy's key and a sealed `requestState`; the retry is [`resume`]d.
-async fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
+fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
     let foreign_state = held
         .call
         .request_state
@@ -694,7 +683,7 @@ async fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
         None,
     );
     let msg = jsonrpc::result_response(&held.id, &result);
-    shared.reply(held.batch, msg.into()).await;
+    shared.reply(held.batch, msg.into());
     Some(Ending::Asked)
 }
 
@@ -703,7 +692,7 @@ async fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
 /// A retry that answers the proxy's `input_required`: the sealed state must open, name this
 /// very call, and carry (or have been given) the human's yes; then the call goes upstream
 /// without what the proxy added. A local rule that blocks still blocks.
-pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, held: HeldCall) {
+pub(super) fn resume(shared: &Shared, held: HeldCall) {
     let opened = match &held.call.request_state {
         Some(state) if state.starts_with(approval::state::PREFIX) => {
             shared.sealer.open(state, approval::now_ms())
@@ -715,9 +704,7 @@ pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, h
         Ok(grant) if grant.tool == held.call.name && grant.arguments_sha256 == held.digest => grant,
         Ok(grant) => {
             let reason = "the approval was given for a different call";
-            return shared
-                .deny(&held, Status::Rejected, Some(&grant.nonce), reason)
-                .await;
+            return shared.deny(&held, Status::Rejected, Some(&grant.nonce), reason);
         }
         Err(refused) => {
             let status = match refused {
@@ -725,7 +712,7 @@ pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, h
                 Refused::Forged | Refused::Replayed => Status::Rejected,
             };
             tracing::warn!(tool = %held.call.name, "approval retry refused: {refused}");
-            return shared.deny(&held, status, None, &refused.to_string()).await;
+            return shared.deny(&held, status, None, &refused.to_string());
         }
     };
     let status = if grant.approved {
@@ -747,18 +734,14 @@ pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, h
             held.eval.reason(),
             status.as_str()
         );
-        return shared
-            .deny(&held, status, Some(&grant.nonce), &reason)
-            .await;
+        return shared.deny(&held, status, Some(&grant.nonce), &reason);
     }
     if held.eval.action(shared.mode) == Action::Block && !held.eval.needs_service() {
-        return conclude(shared, to_upstream, held, Action::Block).await;
+        return conclude(shared, held, Action::Block);
     }
     let Some(raw) = strip(&held.raw, &grant) else {
         let reason = "the approved call could not be rebuilt";
-        return shared
-            .deny(&held, Status::Rejected, Some(&grant.nonce), reason)
-            .await;
+        return shared.deny(&held, Status::Rejected, Some(&grant.nonce), reason);
     };
     shared.audit_call_with(
         &held,
@@ -768,7 +751,7 @@ pub(super) async fn resume(shared: &Shared, to_upstream: &mpsc::Sender<Bytes>, h
         None,
     );
     let held = HeldCall { raw, ..held };
-    forward(shared, to_upstream, held, Some(0.0)).await
+    forward(shared, held, Some(0.0))
 }
 
 /// The retried line without the proxy's answer key and state, with the upstream's own

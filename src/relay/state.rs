@@ -155,12 +155,24 @@ pub(super) struct Shared {
     pub(super) progress: Mutex<HashMap<String, f64>>,
     /// The tasks waiting on held calls, so shutdown can let them clean up.
     pub(super) held_tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The host writer's queue. Held here so both readers (and shutdown) can answer the host.
-    pub(super) to_host: mpsc::Sender<Bytes>,
+    /// Our stdout.
+    pub(super) to_host: Arc<Outlet>,
+    /// The server's stdin.
+    pub(super) to_upstream: Arc<Outlet>,
+    /// The runtime that held calls wait on (the readers are threads of their own).
+    pub(super) runtime: tokio::runtime::Handle,
+    /// The session is ending: the host reader forwards nothing more.
+    pub(super) closing: AtomicBool,
 }
 
 impl Shared {
-    pub(super) fn new(config: Config, audit: Audit, to_host: mpsc::Sender<Bytes>) -> Shared {
+    /// Must be called on the runtime.
+    pub(super) fn new(
+        config: Config,
+        audit: Audit,
+        to_host: Arc<Outlet>,
+        to_upstream: Arc<Outlet>,
+    ) -> Shared {
         let queue = if config.mode == Mode::Enforce
             && config.approval_channels.contains(&ApprovalChannel::Local)
         {
@@ -212,6 +224,9 @@ impl Shared {
             batches: Mutex::new((0, HashMap::new())),
             outbound: Mutex::new(Outbound::default()),
             to_host,
+            to_upstream,
+            runtime: tokio::runtime::Handle::current(),
+            closing: AtomicBool::new(false),
         }
     }
 
@@ -269,8 +284,9 @@ impl Shared {
         self.outbound.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sends a message to the host, or adds it to its batch.
-    pub(super) async fn reply(&self, batch: Option<u64>, msg: Bytes) {
+    /// Queues a message for the host, or adds it to its batch (see [`Outlet`]: the reader
+    /// threads write what they queued before they wait for input, tasks call [`Shared::flush`]).
+    pub(super) fn reply(&self, batch: Option<u64>, msg: Bytes) {
         match batch {
             Some(b) => {
                 let done = {
@@ -284,18 +300,22 @@ impl Shared {
                     }
                 };
                 if let Some(array) = done {
-                    let _ = self.to_host.send(array).await;
+                    self.to_host.push(array);
                 }
             }
-            None => {
-                let _ = self.to_host.send(msg).await;
-            }
+            None => self.to_host.push(msg),
         }
+    }
+
+    /// Writes what a task queued for the host and the server, without blocking the runtime.
+    pub(super) async fn flush(&self) {
+        self.to_upstream.flush_async().await;
+        self.to_host.flush_async().await;
     }
 
     /// One request of batch `batch` was cancelled by the host and gets no response: the rest of
     /// the batch must not wait for it.
-    pub(super) async fn cancelled_in_batch(&self, batch: Option<u64>) {
+    pub(super) fn cancelled_in_batch(&self, batch: Option<u64>) {
         let Some(b) = batch else { return };
         let done = {
             let mut batches = self.batches();
@@ -305,12 +325,12 @@ impl Shared {
             take_if_complete(&mut batches.1, b)
         };
         if let Some(array) = done {
-            let _ = self.to_host.send(array).await;
+            self.to_host.push(array);
         }
     }
 
     /// Answers every request still pending: the server will not.
-    pub(super) async fn fail_pending(&self) {
+    pub(super) fn fail_pending(&self) {
         let pending: Vec<(Id, Pending)> = self.pending().drain().collect();
         for (id, p) in pending {
             let msg = jsonrpc::error_response(
@@ -331,7 +351,7 @@ impl Shared {
                 None => Some(msg),
             };
             if let Some(msg) = done {
-                let _ = self.to_host.send(msg).await;
+                self.to_host.push(msg);
             }
         }
     }
@@ -468,7 +488,7 @@ impl Shared {
     }
 
     /// Refuses a call that needed an approval it did not get (-32002), and audits it.
-    pub(super) async fn deny(
+    pub(super) fn deny(
         &self,
         held: &HeldCall,
         status: Status,
@@ -500,7 +520,7 @@ impl Shared {
         });
         let message = format!("Action not approved: {}", status.as_str());
         let msg = self.refusal(&held.id, &held.call, self.codes.approval, &message, data);
-        self.reply(held.batch, msg).await
+        self.reply(held.batch, msg)
     }
 
     /// A refusal as the configured `blockResponse`: a JSON-RPC error, or a tool result with
