@@ -1,10 +1,15 @@
 //! The audit log (SPEC §8): one JSON object per line per evaluated call.
 //!
-//! Each record is appended with one `write` to a file opened for appending, so it is in the file
-//! (the kernel's page cache) before the call it describes goes on, and lines from several
-//! proxies sharing a log never interleave. That costs a few microseconds per call; handing lines
-//! to a writer thread cost more, in the wake-up alone. Arguments are never written, only their
-//! SHA-256.
+//! Records are buffered and appended together, one `write` per burst, to a file opened for
+//! appending, so lines from several proxies sharing a log never interleave. A record is in the
+//! file (the kernel's page cache) before the call it describes goes on: an [`Outlet`] that
+//! carries the call, or its answer, flushes the log before it writes (see
+//! [`Outlet::behind`]); whoever writes records flushes the log before waiting for anything
+//! else. A `write` per record cost a few microseconds per call; a writer thread cost more, in the
+//! wake-up alone. Arguments are never written, only their SHA-256.
+//!
+//! [`Outlet`]: crate::framing::Outlet
+//! [`Outlet::behind`]: crate::framing::Outlet::behind
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -63,8 +68,12 @@ struct Sink {
     /// `None` once closed.
     file: Option<File>,
     path: PathBuf,
-    line: Vec<u8>,
+    /// Records not yet written, one per line.
+    lines: Vec<u8>,
 }
+
+/// Buffered records are written at once beyond this much.
+const FLUSH_AT: usize = 64 * 1024;
 
 impl Audit {
     pub fn disabled() -> Audit {
@@ -89,7 +98,7 @@ impl Audit {
             file: Some(Mutex::new(Sink {
                 file: Some(file),
                 path: path.to_owned(),
-                line: Vec::with_capacity(512),
+                lines: Vec::with_capacity(FLUSH_AT),
             })),
         })
     }
@@ -98,29 +107,54 @@ impl Audit {
         self.file.is_some()
     }
 
-    /// Appends one record as one line.
+    /// Adds one record as one line; it is written by the next [`Audit::flush`].
     pub fn write(&self, record: &Record<'_>) {
         let Some(sink) = &self.file else { return };
         let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
-        let Sink { file, path, line } = &mut *sink;
-        let Some(file) = file else { return };
-        line.clear();
-        if let Err(e) = serde_json::to_writer(&mut *line, record) {
+        if sink.file.is_none() {
+            return;
+        }
+        let start = sink.lines.len();
+        if let Err(e) = serde_json::to_writer(&mut sink.lines, record) {
+            sink.lines.truncate(start);
             tracing::error!(error = %e, "audit record not serialisable");
             return;
         }
-        line.push(b'\n');
-        if let Err(e) = file.write_all(line) {
-            tracing::error!(path = %path.display(), error = %e, "audit write failed");
+        sink.lines.push(b'\n');
+        if sink.lines.len() >= FLUSH_AT {
+            sink.write_out();
         }
     }
 
-    /// Stops writing (a reader thread may outlive the session); every record written so far
-    /// is in the file.
+    /// Writes the buffered records.
+    pub fn flush(&self) {
+        if let Some(sink) = &self.file {
+            sink.lock().unwrap_or_else(|e| e.into_inner()).write_out();
+        }
+    }
+
+    /// Writes the buffered records and stops (a reader thread may outlive the session).
     pub fn close(&self) {
         if let Some(sink) = &self.file {
-            sink.lock().unwrap_or_else(|e| e.into_inner()).file = None;
+            let mut sink = sink.lock().unwrap_or_else(|e| e.into_inner());
+            sink.write_out();
+            sink.file = None;
         }
+    }
+}
+
+impl Sink {
+    fn write_out(&mut self) {
+        let Sink { file, path, lines } = self;
+        if lines.is_empty() {
+            return;
+        }
+        if let Some(file) = file
+            && let Err(e) = file.write_all(lines)
+        {
+            tracing::error!(path = %path.display(), error = %e, "audit write failed");
+        }
+        lines.clear();
     }
 }
 

@@ -23,6 +23,8 @@ use bytes::{Buf, Bytes, BytesMut};
 use nix::poll::PollFlags;
 use tokio::sync::Notify;
 
+use crate::audit::Audit;
+
 use crate::jsonrpc::Id;
 
 /// How much of an over-long line is kept for [`sniff_id`].
@@ -272,6 +274,8 @@ pub struct Outlet {
     /// Set once the output failed (or was closed): later messages are dropped.
     broken: AtomicBool,
     on_broken: Notify,
+    /// Flushed before messages taken from the queue are written (see [`Outlet::behind`]).
+    audit: Option<Arc<Audit>>,
 }
 
 struct Writer {
@@ -304,6 +308,17 @@ impl Outlet {
             backlog: AtomicUsize::new(0),
             broken: AtomicBool::new(broken),
             on_broken: Notify::new(),
+            audit: None,
+        }
+    }
+
+    /// Makes this output never get ahead of `audit`: whatever was audited before a message was
+    /// queued is in the log before the message is written. (Records are written in bursts, and
+    /// a call's record is added before the call is queued.)
+    pub fn behind(self, audit: Arc<Audit>) -> Outlet {
+        Outlet {
+            audit: Some(audit),
+            ..self
         }
     }
 
@@ -435,6 +450,9 @@ impl Outlet {
                 for msg in lock(&self.queue).drain(..) {
                     out.push_back(msg);
                     out.push_back(NEWLINE.clone());
+                }
+                if let Some(audit) = self.audit.as_ref().filter(|_| !out.is_empty()) {
+                    audit.flush();
                 }
             }
             if out.is_empty() {

@@ -80,11 +80,12 @@ pub async fn run(config: Config, audit: Audit) -> u8 {
     );
 
     let max = config.max_message_bytes;
+    let audit = Arc::new(audit);
     let shared = Arc::new(Shared::new(
         config,
-        audit,
-        Arc::new(stdio::stdout()),
-        Arc::new(child_stdin),
+        audit.clone(),
+        Arc::new(stdio::stdout().behind(audit.clone())),
+        Arc::new(child_stdin.behind(audit)),
     ));
     let mut host_reader = reader_thread("host reader", {
         let shared = shared.clone();

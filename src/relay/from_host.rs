@@ -21,15 +21,19 @@ pub(super) fn host_loop(shared: &Arc<Shared>, input: Input, max: usize) {
     };
     // Outputs that do not take what the host sent do not stop the reading at once: the host's
     // EOF and cancellations are still seen (up to a backlog, see `Outlet`).
-    let idle = || match &watch {
-        Some(fd) => {
-            shared.to_upstream.flush_unless_readable(fd.as_fd());
-            shared.to_host.flush_unless_readable(fd.as_fd());
+    let idle = || {
+        match &watch {
+            Some(fd) => {
+                shared.to_upstream.flush_unless_readable(fd.as_fd());
+                shared.to_host.flush_unless_readable(fd.as_fd());
+            }
+            None => {
+                shared.to_upstream.flush();
+                shared.to_host.flush();
+            }
         }
-        None => {
-            shared.to_upstream.flush();
-            shared.to_host.flush();
-        }
+        // Records of calls that sent nothing (a `tools/call` notification, dropped).
+        shared.audit.flush();
     };
     loop {
         let frame = reader.next(&idle);

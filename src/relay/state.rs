@@ -124,7 +124,7 @@ pub(super) struct Batch {
 pub(super) struct Shared {
     pub(super) guard: Guard,
     pub(super) mode: Mode,
-    pub(super) audit: Audit,
+    pub(super) audit: Arc<Audit>,
     pub(super) codes: ErrorCodes,
     pub(super) block_response: BlockResponse,
     pub(super) run_id: String,
@@ -169,7 +169,7 @@ impl Shared {
     /// Must be called on the runtime.
     pub(super) fn new(
         config: Config,
-        audit: Audit,
+        audit: Arc<Audit>,
         to_host: Arc<Outlet>,
         to_upstream: Arc<Outlet>,
     ) -> Shared {
@@ -307,10 +307,12 @@ impl Shared {
         }
     }
 
-    /// Writes what a task queued for the host and the server, without blocking the runtime.
+    /// Writes what a task queued for the host and the server, without blocking the runtime,
+    /// and what it audited.
     pub(super) async fn flush(&self) {
         self.to_upstream.flush_async().await;
         self.to_host.flush_async().await;
+        self.audit.flush();
     }
 
     /// One request of batch `batch` was cancelled by the host and gets no response: the rest of
