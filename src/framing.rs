@@ -325,8 +325,9 @@ impl Outlet {
     /// Queues one message (without its newline). Never waits on the output.
     pub fn push(&self, msg: Bytes) {
         if !self.is_broken() {
-            self.backlog.fetch_add(msg.len() + 1, Ordering::Relaxed);
-            lock(&self.queue).push_back(msg);
+            let mut queue = lock(&self.queue);
+            self.backlog.fetch_add(msg.len() + 1, Ordering::AcqRel);
+            queue.push_back(msg);
         }
     }
 
@@ -336,7 +337,7 @@ impl Outlet {
     /// thread's messages too, so it does not wait for that lock either, below [`BACKLOG`].
     pub fn flush_unless_readable(&self, input: BorrowedFd<'_>) {
         while !self.is_empty() {
-            let under = self.backlog.load(Ordering::Relaxed) < BACKLOG;
+            let under = self.backlog.load(Ordering::Acquire) < BACKLOG;
             let mut writer = match self.writer.try_lock() {
                 Ok(writer) => writer,
                 Err(_) if under => return,
@@ -433,12 +434,13 @@ impl Outlet {
     fn set_broken(&self) {
         self.broken.store(true, Ordering::Release);
         lock(&self.queue).clear();
-        self.backlog.store(0, Ordering::Relaxed);
+        self.backlog.store(0, Ordering::Release);
         self.on_broken.notify_one();
     }
 
+    /// Nothing is queued, or taken and not yet written.
     fn is_empty(&self) -> bool {
-        self.is_broken() || lock(&self.queue).is_empty()
+        self.is_broken() || self.backlog.load(Ordering::Acquire) == 0
     }
 
     /// With the write lock held: writes what an earlier write left and everything queued.
@@ -460,6 +462,7 @@ impl Outlet {
             }
             let Some(f) = file.as_mut() else {
                 out.clear();
+                self.set_broken();
                 return Ok(true);
             };
             let mut slices = [IoSlice::new(&[]); GATHER];
@@ -470,7 +473,7 @@ impl Outlet {
             match f.write_vectored(&slices[..n]) {
                 Ok(0) => return Err(self.fail(io::ErrorKind::WriteZero.into())),
                 Ok(mut written) => {
-                    self.backlog.fetch_sub(written, Ordering::Relaxed);
+                    self.backlog.fetch_sub(written, Ordering::AcqRel);
                     while written > 0 {
                         let Some(first) = out.front_mut() else { break };
                         if written >= first.len() {
@@ -549,6 +552,24 @@ mod tests {
     }
 
     #[test]
+    fn lines_of_megabytes_come_back_whole_and_the_limit_still_holds() {
+        const MIB: usize = 1024 * 1024;
+        let long = format!("{{\"id\":9,\"x\":\"{}\"}}", "z".repeat(3 * MIB));
+        let input = format!("{long}\nafter\n{long}");
+        let got = frames(input.as_bytes(), 4 * MIB);
+        assert_eq!(got, vec![line(&long), line("after"), line(&long)]);
+        let got = frames(input.as_bytes(), 2 * MIB);
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[1], line("after"));
+        for f in [&got[0], &got[2]] {
+            let Frame::TooLong { head } = f else {
+                panic!("{f:?}")
+            };
+            assert_eq!(sniff_id(head), Some(Id::Number("9".into())));
+        }
+    }
+
+    #[test]
     fn the_limit_is_exact() {
         let got = frames(b"12345\n123456\n", 5);
         assert_eq!(got[0], line("12345"));
@@ -574,5 +595,181 @@ mod tests {
         for (head, want) in cases {
             assert_eq!(sniff_id(head), want, "{}", String::from_utf8_lossy(head));
         }
+    }
+
+    // === Outlet ===
+
+    use std::io::{BufRead, BufReader, PipeReader};
+    use std::os::fd::OwnedFd;
+    use std::time::Duration;
+
+    /// An outlet writing into a fresh pipe, and the pipe's other end.
+    fn piped(nonblocking: bool) -> (Outlet, PipeReader) {
+        let (reader, writer) = std::io::pipe().unwrap();
+        let file = File::from(OwnedFd::from(writer));
+        if nonblocking {
+            crate::stdio::set_nonblocking(file.as_fd(), true).unwrap();
+        }
+        (Outlet::new("test", Some(file), nonblocking), reader)
+    }
+
+    fn message(producer: usize, n: usize) -> Bytes {
+        // Sizes around and beyond a pipe's atomic write (4096), so writes come out partial.
+        let pad = "x".repeat((producer * 997 + n * 131) % 9000);
+        Bytes::from(format!("{producer}:{n}:{pad}"))
+    }
+
+    #[test]
+    fn lines_from_many_threads_never_tear_and_keep_each_producers_order() {
+        for nonblocking in [false, true] {
+            let (outlet, reader) = piped(nonblocking);
+            let outlet = Arc::new(outlet);
+            let lines = std::thread::spawn(move || {
+                BufReader::new(reader)
+                    .lines()
+                    .map(Result::unwrap)
+                    .collect::<Vec<_>>()
+            });
+            let producers: Vec<_> = (0..4)
+                .map(|p| {
+                    let outlet = outlet.clone();
+                    std::thread::spawn(move || {
+                        for n in 0..200 {
+                            outlet.push(message(p, n));
+                            if n % 7 == 0 {
+                                outlet.flush();
+                            }
+                        }
+                        outlet.flush();
+                    })
+                })
+                .collect();
+            for p in producers {
+                p.join().unwrap();
+            }
+            outlet.close();
+            let lines = lines.join().unwrap();
+            assert_eq!(lines.len(), 800);
+            let mut next = [0usize; 4];
+            for line in lines {
+                let mut parts = line.splitn(3, ':');
+                let p: usize = parts.next().unwrap().parse().unwrap();
+                let n: usize = parts.next().unwrap().parse().unwrap();
+                assert_eq!(n, next[p], "producer {p} out of order");
+                assert_eq!(line.as_bytes(), &message(p, n)[..], "a torn line");
+                next[p] += 1;
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_pipe_never_blocks_the_runtime() {
+        let (outlet, reader) = piped(true);
+        let outlet = Arc::new(outlet);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let big = Bytes::from(vec![b'y'; 1 << 20]);
+        runtime.block_on(async {
+            outlet.push(big.clone());
+            let flushing = tokio::spawn({
+                let outlet = outlet.clone();
+                async move { outlet.flush_async().await }
+            });
+            // Nobody reads yet: the write cannot finish, but this task still runs.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!flushing.is_finished());
+            let read = std::thread::spawn(move || {
+                let mut line = Vec::new();
+                BufReader::new(reader).read_until(b'\n', &mut line).unwrap();
+                line
+            });
+            flushing.await.unwrap();
+            let line = read.join().unwrap();
+            assert_eq!(line.len(), big.len() + 1);
+        });
+    }
+
+    #[test]
+    fn the_audit_log_is_written_before_what_follows_a_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let audit = Arc::new(Audit::open(&path).unwrap());
+        let (outlet, reader) = piped(false);
+        let outlet = outlet.behind(audit.clone());
+        audit.write(&crate::audit::Record {
+            ts: crate::audit::now(),
+            run_id: "run",
+            agent_key: "agent",
+            server: "srv",
+            mode: "enforce",
+            request_id: None,
+            tool: "deploy",
+            risk_level: None,
+            decision: Some("allow"),
+            outcome: "forwarded",
+            rule: None,
+            guardrail: None,
+            reason: None,
+            approval_id: None,
+            status: None,
+            latency_ms: 0.0,
+            arguments_sha256: None,
+        });
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "buffered");
+        outlet.push(Bytes::from_static(b"{}"));
+        outlet.flush();
+        let mut line = String::new();
+        BufReader::new(reader).read_line(&mut line).unwrap();
+        assert_eq!(line, "{}\n");
+        assert!(std::fs::read_to_string(&path).unwrap().contains("deploy"));
+    }
+
+    #[test]
+    fn an_output_whose_reader_is_gone_is_broken_and_drops_what_follows() {
+        let (outlet, reader) = piped(true);
+        drop(reader);
+        outlet.push(Bytes::from_static(b"lost"));
+        outlet.flush();
+        assert!(outlet.is_broken());
+        outlet.push(Bytes::from_static(b"dropped"));
+        assert!(outlet.is_empty());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(5), outlet.broken())
+                .await
+                .expect("broken() resolves");
+        });
+    }
+
+    #[test]
+    fn the_host_reader_reads_on_while_an_output_is_full() {
+        let (outlet, _unread) = piped(true);
+        let (input, mut host) = std::io::pipe().unwrap();
+        // More than the pipe holds: the rest stays queued.
+        for n in 0..64 {
+            outlet.push(message(1, n));
+        }
+        host.write_all(b"more input\n").unwrap();
+        let (done, finished) = std::sync::mpsc::channel();
+        let outlet = Arc::new(outlet);
+        std::thread::spawn({
+            let outlet = outlet.clone();
+            move || {
+                outlet.flush_unless_readable(input.as_fd());
+                let _ = done.send(());
+            }
+        });
+        finished
+            .recv_timeout(Duration::from_secs(5))
+            .expect("returned for the input");
+        assert!(
+            !outlet.is_empty(),
+            "what the pipe did not take is still queued"
+        );
     }
 }

@@ -81,10 +81,15 @@ impl fmt::Display for Id {
 impl Serialize for Id {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         match self {
-            // Integer literal text is valid JSON; emit it untouched.
-            Id::Number(n) => match RawValue::from_string(n.to_string()) {
-                Ok(raw) => raw.serialize(s),
-                Err(e) => Err(serde::ser::Error::custom(e)),
+            // Integer literal text is valid JSON; it is emitted as it came (`-0` too, and
+            // integers beyond 64 bits), through the integer when that reads back the same.
+            Id::Number(n) => match (n.parse::<i64>(), n.parse::<u64>()) {
+                (Ok(i), _) if &**n != "-0" => s.serialize_i64(i),
+                (_, Ok(u)) => s.serialize_u64(u),
+                _ => match RawValue::from_string(n.to_string()) {
+                    Ok(raw) => raw.serialize(s),
+                    Err(e) => Err(serde::ser::Error::custom(e)),
+                },
             },
             Id::String(v) => s.serialize_str(v),
         }
@@ -320,7 +325,7 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                     let value: &'de RawValue = map.next_value()?;
                     let key = key.0;
                     if fields.key_problem.is_none()
-                        && let Some(clash) = keys.insert(&key)
+                        && let Some(clash) = keys.insert(key.clone())
                     {
                         fields.key_problem = Some(strict::clash_message("member", &key, &clash));
                     }
@@ -476,6 +481,23 @@ pub fn result_response<T: Serialize>(id: &Id, result: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ids_are_written_back_exactly_as_they_came() {
+        for text in [
+            "7",
+            "-3",
+            "-0",
+            "9223372036854775807",
+            "18446744073709551615",
+            "-123456789012345678901234567890",
+            r#""a\"b""#,
+        ] {
+            let raw = RawValue::from_string(text.to_string()).unwrap();
+            let id = Id::from_raw(&raw).expect(text);
+            assert_eq!(serde_json::to_string(&id).unwrap(), text);
+        }
+    }
 
     fn rejected(line: &str) -> Rejection {
         match classify(line.as_bytes()) {

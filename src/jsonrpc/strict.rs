@@ -54,33 +54,50 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 
 /// The keys of one object seen so far, compared ignoring case.
 ///
-/// Small objects (the common case) are checked by a linear scan; large ones switch to a set of
-/// folded keys so a hostile object with many keys costs linear time.
-#[derive(Default)]
-pub struct KeySet {
-    small: Vec<String>,
+/// Small objects (the common case) are checked by a linear scan over the keys as borrowed from
+/// the input, kept on the stack; large ones switch to a set of folded keys, so a hostile object
+/// with many keys costs linear time.
+pub struct KeySet<'de> {
+    small: [Cow<'de, str>; SMALL],
+    len: usize,
     folded: Option<HashSet<String>>,
 }
 
 const SMALL: usize = 16;
 
-impl KeySet {
-    /// Adds `key`; returns the earlier key it clashes with, if any.
-    pub fn insert(&mut self, key: &str) -> Option<String> {
+impl Default for KeySet<'_> {
+    fn default() -> Self {
+        KeySet {
+            small: std::array::from_fn(|_| Cow::Borrowed("")),
+            len: 0,
+            folded: None,
+        }
+    }
+}
+
+impl<'de> KeySet<'de> {
+    /// Adds `key` (a clone of a borrowed key costs nothing); returns the earlier key it
+    /// clashes with, if any.
+    pub fn insert(&mut self, key: Cow<'de, str>) -> Option<String> {
         if let Some(set) = &mut self.folded {
-            let f = fold(key);
+            let f = fold(&key);
             return if set.insert(f) {
                 None
             } else {
-                Some(key.to_owned())
+                Some(key.to_string())
             };
         }
-        if let Some(clash) = self.small.iter().find(|k| eq_ignore_case(k, key)) {
-            return Some(clash.clone());
+        let seen = &self.small[..self.len];
+        if let Some(clash) = seen.iter().find(|k| eq_ignore_case(k, &key)) {
+            return Some(clash.to_string());
         }
-        self.small.push(key.to_owned());
-        if self.small.len() > SMALL {
-            self.folded = Some(self.small.drain(..).map(|k| fold(&k)).collect());
+        if self.len == SMALL {
+            let mut set: HashSet<String> = seen.iter().map(|k| fold(k)).collect();
+            set.insert(fold(&key));
+            self.folded = Some(set);
+        } else {
+            self.small[self.len] = key;
+            self.len += 1;
         }
         None
     }
@@ -178,7 +195,7 @@ impl<'de> Visitor<'de> for StrictVisitor {
         let mut object = Map::new();
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if self.0.fold_case {
-                if let Some(clash) = keys.insert(&key) {
+                if let Some(clash) = keys.insert(key.clone()) {
                     return Err(de::Error::custom(clash_message("key", &key, &clash)));
                 }
             } else if object.contains_key(&*key) {

@@ -412,7 +412,7 @@ impl Shared {
             }
         };
         self.audit.write(&Record {
-            request_id: Some(held.id.to_value()),
+            request_id: Some(&held.id),
             tool: &eval.meta.name,
             risk_level: Some(eval.meta.risk.as_str()),
             decision: Some(eval.decision.as_str()),
