@@ -467,7 +467,9 @@ impl fmt::Write for StackText {
     }
 }
 
-fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+/// `f` of the text a regex reads in `v`: a string, or a number as JSON writes it; `None` for
+/// other values.
+fn with_text<R>(v: Val<'_>, f: impl FnOnce(&str) -> R) -> Option<R> {
     match v {
         Val::Json(Value::Number(n)) => {
             let mut text = StackText {
@@ -477,13 +479,17 @@ fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
             if write!(text, "{n}").is_ok()
                 && let Ok(s) = std::str::from_utf8(&text.buf[..text.len])
             {
-                re.is_match(s)
+                Some(f(s))
             } else {
-                re.is_match(&n.to_string())
+                Some(f(&n.to_string()))
             }
         }
-        _ => v.as_str().is_some_and(|s| re.is_match(s)),
+        _ => v.as_str().map(f),
     }
+}
+
+fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+    with_text(v, |s| re.is_match(s)).unwrap_or(false)
 }
 
 /// How many distinct `args` paths are remembered per call; further paths are walked each time.
