@@ -1102,6 +1102,87 @@ fn timing_100_non_matching_rules() {
     assert!(worst < 2000.0, "worst {worst} ns");
 }
 
+/// The benchmark's regex rules (benches/rules.rs): `n - 1` failing `matches` conditions over
+/// `args.path` and `args.message`, then an `allow`.
+fn bench_regex_rules(n: usize) -> RuleSet {
+    let mut list: Vec<Value> = (0..n - 1)
+        .map(|i| {
+            let (field, re) = match i % 5 {
+                0 => ("args.path", format!("^/etc/{i}/")),
+                1 => ("args.path", format!(r"(?i)\.(pem|key|p{i})$")),
+                2 => ("args.message", format!(r"(?i)drop\s+table\s+t{i}")),
+                3 => ("args.path", format!(r"^/home/[^/]+/\.ssh{i}/")),
+                _ => ("args.message", format!("secret-{i}")),
+            };
+            json!({"name": format!("r{i}"), "conditions": [c(field, "matches", json!(re))],
+                   "action": {"type": "block"}})
+        })
+        .collect();
+    list.push(json!({"name": "allow", "action": {"type": "allow"}}));
+    rules(Value::Array(list))
+}
+
+#[test]
+#[ignore]
+fn timing_grouped_regexes() {
+    let rt = runtime();
+    let t = tool("read_file");
+    let long_message = "lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(1100);
+    let long_path = format!("/srv/{}/data.csv", "segment/".repeat(600));
+    let cases = [
+        (
+            "short",
+            json!({"path": "/srv/data/reports/2026/q3/summary-1.csv", "message": "hello from the benchmark"}),
+        ),
+        (
+            "64 KB message",
+            json!({"path": "/srv/data/x.csv", "message": long_message}),
+        ),
+        ("5 KB path", json!({"path": long_path, "message": "hello"})),
+    ];
+    for n in [10, 100] {
+        let start = std::time::Instant::now();
+        let set = bench_regex_rules(n);
+        let compile = start.elapsed();
+        let selection = set.select(&t);
+        let alone = Selection {
+            groups: 0,
+            ..selection.clone()
+        };
+        for (i, (label, args)) in cases.iter().enumerate() {
+            let call = CallFacts {
+                tool: &t,
+                args,
+                runtime: &rt,
+            };
+            let start = std::time::Instant::now();
+            let first = set
+                .evaluate_selected(&selection, &call)
+                .map(|r| r.name.as_str());
+            let first_call = start.elapsed();
+            assert_eq!(first, Some("allow"));
+            let grouped = per_call(|| {
+                std::hint::black_box(
+                    set.evaluate_selected(&selection, std::hint::black_box(&call)),
+                );
+            });
+            let one_by_one = per_call(|| {
+                std::hint::black_box(set.evaluate_selected(&alone, std::hint::black_box(&call)));
+            });
+            if i == 0 {
+                eprintln!(
+                    "{n} regex rules: compile {:.2} ms, first call (builds the searches) {:.2} ms",
+                    compile.as_secs_f64() * 1e3,
+                    first_call.as_secs_f64() * 1e3
+                );
+            }
+            eprintln!(
+                "  {label}: grouped {grouped:.0} ns, one by one {one_by_one:.0} ns per evaluate"
+            );
+        }
+    }
+}
+
 #[test]
 fn conditions_keep_their_written_order_in_check_output() {
     let set = rules(json!([{"name": "r", "conditions": [
