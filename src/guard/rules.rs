@@ -8,9 +8,9 @@
 //! `apie-mcp check` ([`Rule::describe`], [`RuleSet::warnings`]).
 //!
 //! Evaluation never panics and does not allocate, except once per field to build the searches
-//! that evaluate its `matches` conditions together ([`sets`]): a missing field or a type mismatch
-//! is "no match", except that the negative operators `not_equals`, `not_contains`, `not_in` and
-//! `not_exists` match a missing field.
+//! that evaluate its `matches` conditions together (`rules/sets.rs`): a missing field or a type
+//! mismatch is "no match", except that the negative operators `not_equals`, `not_contains`,
+//! `not_in` and `not_exists` match a missing field.
 
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
