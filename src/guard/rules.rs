@@ -551,21 +551,34 @@ impl<'a, 'p> Scratch<'a, 'p> {
 
     /// Whether `p` matches `v`, the value of its field: from its group's answer when the group is
     /// searched in this call, else by its own regex.
+    #[inline]
     fn matches(&mut self, p: &Pattern, v: Val<'_>) -> bool {
+        // The common case, kept small: every check inlines it.
+        if p.group < MAX_GROUPS
+            && self.searched & 1 << p.group != 0
+            && let Some(hit) = self.found.get(p.group).and_then(|f| f.get(p.bit))
+        {
+            return hit;
+        }
+        self.search_or_match(p, v)
+    }
+
+    /// [`Scratch::matches`] when the group has not been searched yet, or is not searched in this
+    /// call, or left `p` to its own regex.
+    #[inline(never)]
+    fn search_or_match(&mut self, p: &Pattern, v: Val<'_>) -> bool {
         let g = p.group;
-        if g < MAX_GROUPS && self.searching & 1 << g != 0 {
+        if g < MAX_GROUPS && self.searching & !self.searched & 1 << g != 0 {
             // The first pattern of the group read in this call searches for all of them.
-            if self.searched & 1 << g == 0 {
-                let found = match self.groups.get(g) {
-                    Some(group) => with_text(v, |s| group.search(s)).unwrap_or(Found::NO_MATCH),
-                    None => Found::default(),
-                };
-                if let Some(slot) = self.found.get_mut(g) {
-                    *slot = found;
-                    self.searched |= 1 << g;
-                }
+            let found = match self.groups.get(g) {
+                Some(group) => with_text(v, |s| group.search(s)).unwrap_or(Found::NO_MATCH),
+                None => Found::default(),
+            };
+            if let Some(slot) = self.found.get_mut(g) {
+                *slot = found;
+                self.searched |= 1 << g;
             }
-            if let Some(hit) = self.found.get(g).and_then(|f| f.get(p.bit)) {
+            if let Some(hit) = found.get(p.bit) {
                 return hit;
             }
         }
