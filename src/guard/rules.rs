@@ -7,9 +7,10 @@
 //! whatever its arguments" ([`RuleSet::always_blocks`]), and the human-readable output of
 //! `apie-mcp check` ([`Rule::describe`], [`RuleSet::warnings`]).
 //!
-//! Evaluation never panics and does not allocate: a missing field or a type mismatch is "no
-//! match", except that the negative operators `not_equals`, `not_contains`, `not_in` and
-//! `not_exists` match a missing field.
+//! Evaluation never panics and does not allocate, except once per field to build the searches
+//! that evaluate its `matches` conditions together (`rules/sets.rs`): a missing field or a type
+//! mismatch is "no match", except that the negative operators `not_equals`, `not_contains`,
+//! `not_in` and `not_exists` match a missing field.
 
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
@@ -18,9 +19,11 @@ use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Number, Value};
 
+use self::sets::{Found, RegexGroup};
 use super::Decision;
 use super::metadata::{Glob, RiskLevel, ToolMeta};
 
+mod sets;
 #[cfg(test)]
 mod tests;
 
@@ -253,7 +256,7 @@ struct Segment {
     index: Option<usize>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum Field {
     /// An index into [`RuleSet::paths`]: identical paths are resolved once per call.
     Args(usize),
@@ -396,12 +399,24 @@ enum Test {
     NotContains(Operand),
     StartsWith(Box<str>),
     EndsWith(Box<str>),
-    Matches(Regex),
+    Matches(Pattern),
     In(Box<[Operand]>),
     NotIn(Box<[Operand]>),
     Exists,
     NotExists,
 }
+
+/// A `matches` regex, and where the answer of its field's [`RegexGroup`] is found.
+#[derive(Debug, Clone)]
+struct Pattern {
+    re: Regex,
+    /// An index into [`RuleSet::groups`], or [`NO_GROUP`].
+    group: usize,
+    bit: u8,
+}
+
+/// The group of a pattern evaluated alone.
+const NO_GROUP: usize = usize::MAX;
 
 /// The part of a condition that evaluation reads.
 #[derive(Debug, Clone)]
@@ -467,7 +482,9 @@ impl fmt::Write for StackText {
     }
 }
 
-fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+/// `f` of the text a regex reads in `v`: a string, or a number as JSON writes it; `None` for
+/// other values.
+fn with_text<R>(v: Val<'_>, f: impl FnOnce(&str) -> R) -> Option<R> {
     match v {
         Val::Json(Value::Number(n)) => {
             let mut text = StackText {
@@ -477,13 +494,17 @@ fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
             if write!(text, "{n}").is_ok()
                 && let Ok(s) = std::str::from_utf8(&text.buf[..text.len])
             {
-                re.is_match(s)
+                Some(f(s))
             } else {
-                re.is_match(&n.to_string())
+                Some(f(&n.to_string()))
             }
         }
-        _ => v.as_str().is_some_and(|s| re.is_match(s)),
+        _ => v.as_str().map(f),
     }
+}
+
+fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+    with_text(v, |s| re.is_match(s)).unwrap_or(false)
 }
 
 /// How many distinct `args` paths are remembered per call; further paths are walked each time.
@@ -496,20 +517,72 @@ enum Slot<'a> {
     Found(&'a Value),
 }
 
-/// Per-call state of one evaluation: the `args` paths resolved so far. Lives on the stack.
+/// Most regex groups in a rule set (bits of a `u64` in [`Selection`]); the patterns of fields
+/// beyond them are evaluated alone.
+const MAX_GROUPS: usize = 8;
+const _: () = assert!(MAX_GROUPS <= 64);
+
+/// Per-call state of one evaluation: the `args` paths resolved so far, and the answers of the
+/// regex groups searched so far. Lives on the stack.
 struct Scratch<'a, 'p> {
     args: &'a Value,
     paths: &'p [Box<[Segment]>],
     slots: [Slot<'a>; CACHED_PATHS],
+    groups: &'p [RegexGroup],
+    /// Bit `g`: group `g` is worth a search in this call (its patterns are evaluated together).
+    searching: u64,
+    /// Bit `g`: `found[g]` holds group `g`'s answer.
+    searched: u64,
+    found: [Found; MAX_GROUPS],
 }
 
 impl<'a, 'p> Scratch<'a, 'p> {
-    fn new(args: &'a Value, paths: &'p [Box<[Segment]>]) -> Self {
+    fn new(args: &'a Value, set: &'p RuleSet, searching: u64) -> Self {
         Scratch {
             args,
-            paths,
+            paths: &set.paths,
             slots: [Slot::Unknown; CACHED_PATHS],
+            groups: &set.groups,
+            searching,
+            searched: 0,
+            found: [Found::default(); MAX_GROUPS],
         }
+    }
+
+    /// Whether `p` matches `v`, the value of its field: from its group's answer when the group is
+    /// searched in this call, else by its own regex.
+    #[inline]
+    fn matches(&mut self, p: &Pattern, v: Val<'_>) -> bool {
+        // The common case, kept small: every check inlines it.
+        if p.group < MAX_GROUPS
+            && self.searched & 1 << p.group != 0
+            && let Some(hit) = self.found.get(p.group).and_then(|f| f.get(p.bit))
+        {
+            return hit;
+        }
+        self.search_or_match(p, v)
+    }
+
+    /// [`Scratch::matches`] when the group has not been searched yet, or is not searched in this
+    /// call, or left `p` to its own regex.
+    #[inline(never)]
+    fn search_or_match(&mut self, p: &Pattern, v: Val<'_>) -> bool {
+        let g = p.group;
+        if g < MAX_GROUPS && self.searching & !self.searched & 1 << g != 0 {
+            // The first pattern of the group read in this call searches for all of them.
+            let found = match self.groups.get(g) {
+                Some(group) => with_text(v, |s| group.search(s)).unwrap_or(Found::NO_MATCH),
+                None => Found::default(),
+            };
+            if let Some(slot) = self.found.get_mut(g) {
+                *slot = found;
+                self.searched |= 1 << g;
+            }
+            if let Some(hit) = found.get(p.bit) {
+                return hit;
+            }
+        }
+        regex_matches(&p.re, v)
     }
 
     fn arg(&mut self, id: usize) -> Option<&'a Value> {
@@ -600,7 +673,7 @@ impl Check {
             Test::NotContains(o) => contains(v, o) == Some(false),
             Test::StartsWith(p) => v.as_str().is_some_and(|s| s.starts_with(&**p)),
             Test::EndsWith(p) => v.as_str().is_some_and(|s| s.ends_with(&**p)),
-            Test::Matches(re) => regex_matches(re, v),
+            Test::Matches(p) => scratch.matches(p, v),
             Test::In(list) => list.iter().any(|o| equals(v, o)),
             Test::NotIn(list) => !list.iter().any(|o| equals(v, o)),
             Test::Exists => true,
@@ -689,9 +762,14 @@ struct HotRule {
     conditions: std::ops::Range<usize>,
 }
 
-/// The rules that select one tool (indices into the rule list, in order).
+/// The rules that select one tool (indices into the rule list, in order), and the regex groups
+/// worth searching for it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selection(Box<[u32]>);
+pub struct Selection {
+    rules: Box<[u32]>,
+    /// Bit `g`: the selected rules read at least two of group `g`'s patterns.
+    groups: u64,
+}
 
 /// The compiled `policies`, in order.
 #[derive(Debug, Clone, Default)]
@@ -704,6 +782,11 @@ pub struct RuleSet {
     conditions: Vec<Check>,
     /// Every distinct `args` path the conditions read.
     paths: Vec<Box<[Segment]>>,
+    /// The `matches` patterns of `conditions`, by field: each group's patterns are searched
+    /// together once per call, not one by one.
+    groups: Vec<RegexGroup>,
+    /// Bit `g`: group `g` has at least two patterns (a [`Selection`] of every rule).
+    all_groups: u64,
 }
 
 impl RuleSet {
@@ -732,18 +815,45 @@ impl RuleSet {
                 }
             })
             .collect();
-        Ok(RuleSet {
+        let groups = group_patterns(&mut conditions);
+        let mut set = RuleSet {
             rules,
             hot,
             matchers,
             conditions,
             paths: paths.paths,
-        })
+            groups,
+            all_groups: 0,
+        };
+        set.all_groups = set.searching(&set.hot);
+        Ok(set)
+    }
+
+    /// The groups worth searching for these rules: those they read two patterns of or more.
+    fn searching<'h>(&self, rules: impl IntoIterator<Item = &'h HotRule>) -> u64 {
+        let mut read = [0u64; MAX_GROUPS];
+        for h in rules {
+            for check in self
+                .conditions
+                .get(h.conditions.clone())
+                .unwrap_or_default()
+            {
+                if let Test::Matches(p) = &check.test
+                    && let Some(bits) = read.get_mut(p.group)
+                {
+                    *bits |= sets::bit(p.bit);
+                }
+            }
+        }
+        read.iter()
+            .enumerate()
+            .filter(|(_, bits)| bits.count_ones() >= 2)
+            .fold(0, |acc, (g, _)| acc | 1 << g)
     }
 
     /// The first rule matching the call.
     pub fn evaluate<'s>(&'s self, call: &CallFacts<'_>) -> Option<&'s Rule> {
-        let mut scratch = Scratch::new(call.args, &self.paths);
+        let mut scratch = Scratch::new(call.args, self, self.all_groups);
         let tool = call.tool;
         let position = self
             .hot
@@ -755,14 +865,15 @@ impl RuleSet {
     /// The rules whose matchers select `tool`, in order: they depend on the tool alone, so a
     /// caller that knows the tool can work this out once and use [`RuleSet::evaluate_selected`].
     pub fn select(&self, tool: &ToolMeta) -> Selection {
-        Selection(
-            self.hot
-                .iter()
-                .enumerate()
-                .filter(|(_, h)| self.selects_hot(h, tool))
-                .map(|(i, _)| i as u32)
-                .collect(),
-        )
+        let rules: Box<[u32]> = self
+            .hot
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| self.selects_hot(h, tool))
+            .map(|(i, _)| i as u32)
+            .collect();
+        let groups = self.searching(rules.iter().filter_map(|&i| self.hot.get(i as usize)));
+        Selection { rules, groups }
     }
 
     /// [`RuleSet::evaluate`] for a tool whose [`Selection`] is known.
@@ -771,8 +882,8 @@ impl RuleSet {
         selection: &Selection,
         call: &CallFacts<'_>,
     ) -> Option<&'s Rule> {
-        let mut scratch = Scratch::new(call.args, &self.paths);
-        let first = selection.0.iter().find(|&&i| {
+        let mut scratch = Scratch::new(call.args, self, selection.groups);
+        let first = selection.rules.iter().find(|&&i| {
             self.hot
                 .get(i as usize)
                 .is_some_and(|h| self.conditions_hold(h, call, &mut scratch))
@@ -822,7 +933,7 @@ impl RuleSet {
             args: &NO_ARGS,
             runtime,
         };
-        let mut scratch = Scratch::new(&NO_ARGS, &self.paths);
+        let mut scratch = Scratch::new(&NO_ARGS, self, 0);
         for rule in &self.rules {
             if !rule.selects(tool) {
                 continue;
@@ -904,6 +1015,39 @@ impl PathTable {
         self.ids.insert(src.to_owned(), id);
         id
     }
+}
+
+/// Puts each `matches` pattern of `conditions` in a group with the other patterns on its field,
+/// a new group when the field's is full, up to [`MAX_GROUPS`].
+fn group_patterns(conditions: &mut [Check]) -> Vec<RegexGroup> {
+    let mut groups: Vec<RegexGroup> = Vec::new();
+    // The group of each field that still has room.
+    let mut open: std::collections::HashMap<Field, usize> = std::collections::HashMap::new();
+    for check in conditions {
+        let Test::Matches(p) = &mut check.test else {
+            continue;
+        };
+        let pattern = p.re.as_str();
+        let joined = open
+            .get(&check.field)
+            .and_then(|&g| Some((g, groups.get_mut(g)?.add(pattern)?)));
+        let (g, bit) = match joined {
+            Some(place) => place,
+            None if groups.len() < MAX_GROUPS => {
+                let mut group = RegexGroup::default();
+                let Some(bit) = group.add(pattern) else {
+                    continue;
+                };
+                groups.push(group);
+                open.insert(check.field.clone(), groups.len() - 1);
+                (groups.len() - 1, bit)
+            }
+            None => continue,
+        };
+        p.group = g;
+        p.bit = bit;
+    }
+    groups
 }
 
 fn compile_rule(i: usize, raw: RawRule, paths: &mut PathTable) -> Result<Rule, RuleError> {
@@ -1097,9 +1241,13 @@ fn compile_condition(
             }
         },
         Operator::Matches => match needs_value(raw.value)? {
-            Value::String(s) => Test::Matches(Regex::new(&s).map_err(|e| {
-                rule_error(value_path(), format!("invalid regular expression: {e}"))
-            })?),
+            Value::String(s) => Test::Matches(Pattern {
+                re: Regex::new(&s).map_err(|e| {
+                    rule_error(value_path(), format!("invalid regular expression: {e}"))
+                })?,
+                group: NO_GROUP,
+                bit: 0,
+            }),
             other => {
                 return Err(rule_error(
                     value_path(),

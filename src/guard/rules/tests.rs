@@ -324,6 +324,187 @@ fn bad_regex_is_a_compile_error_with_its_path() {
     assert_eq!(e.path, "[0].conditions[0].value");
 }
 
+// ----- matches conditions searched together -----
+
+/// The rule deciding a call when every `matches` pattern is evaluated alone, as if no group were
+/// worth a search: what the grouped evaluation must agree with.
+fn decide_one_by_one<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str> {
+    let rt = runtime();
+    let call = CallFacts {
+        tool,
+        args,
+        runtime: &rt,
+    };
+    let alone = Selection {
+        groups: 0,
+        ..set.select(tool)
+    };
+    set.evaluate_selected(&alone, &call)
+        .map(|r| r.name.as_str())
+}
+
+/// Every combination of `choices` (a key and its values; `None` leaves the key out).
+fn combinations(choices: &[(&str, Vec<Option<Value>>)]) -> Vec<Value> {
+    let mut all = vec![json!({})];
+    for (key, values) in choices {
+        all = all
+            .iter()
+            .flat_map(|args| {
+                values.iter().map(move |v| {
+                    let mut args = args.clone();
+                    if let (Some(v), Some(map)) = (v, args.as_object_mut()) {
+                        map.insert((*key).to_string(), v.clone());
+                    }
+                    args
+                })
+            })
+            .collect();
+    }
+    all
+}
+
+/// Asserts that grouped and one-by-one evaluation decide every call alike, that the groups were
+/// searched, and returns how many calls each rule decided.
+fn grouping_agrees(set: &RuleSet, tools: &[ToolMeta], calls: &[Value]) -> Vec<usize> {
+    let mut decided = vec![0; set.rules().len()];
+    for t in tools {
+        assert_ne!(set.select(t).groups, 0, "no group searched for {}", t.name);
+        for args in calls {
+            let grouped = decide(set, t, args);
+            assert_eq!(
+                grouped,
+                decide_one_by_one(set, t, args),
+                "{} with {args}",
+                t.name
+            );
+            if let Some(i) = set.rules().iter().position(|r| Some(&*r.name) == grouped) {
+                decided[i] += 1;
+            }
+        }
+    }
+    decided
+}
+
+#[test]
+fn grouped_regexes_decide_as_each_regex_alone() {
+    let m = |field: &str, re: &str| c(field, "matches", json!(re));
+    let set = rules(json!([
+        {"name": "etc", "conditions": [m("args.path", "^/etc/"), c("args.user", "in", json!(["root"]))],
+         "action": {"type": "block"}},
+        {"name": "ssh", "conditions": [m("args.path", r"(?i)^/home/[^/]+/\.SSH/")], "action": {"type": "block"}},
+        {"name": "keys", "conditions": [m("args.path", r"(?i)\.(pem|key)$"), c("args.path", "not_contains", json!("public"))],
+         "action": {"type": "require_approval"}},
+        {"name": "big-csv", "conditions": [m("args.path", r"\.csv$"), c("args.limit", "greater", json!(1000))],
+         "action": {"type": "warn"}},
+        {"name": "sql", "conditions": [m("args.message", r"(?i)drop\s+table"), m("args.message", r"(?i)\busers\b")],
+         "action": {"type": "block"}},
+        {"name": "secret", "conditions": [m("args.message", r"secret-\d+")], "action": {"type": "block"}},
+        {"name": "thousands", "conditions": [m("args.limit", r"^1\d{3}$")], "action": {"type": "warn"}},
+        {"name": "half", "conditions": [m("args.ratio", r"^0\.5$")], "action": {"type": "warn"}},
+        {"name": "negative", "conditions": [m("args.limit", "^-"), m("tool.name", "^read")], "action": {"type": "block"}},
+        {"name": "tmp-reads", "conditions": [m("tool.name", "(?i)^READ_"), m("tool.name", "file$"), m("args.path", "^/tmp/")],
+         "action": {"type": "allow"}},
+        {"name": "missing", "conditions": [m("args.nope", ".*"), m("args.nope", "")], "action": {"type": "block"}},
+        {"name": "not-text", "conditions": [m("args.flag", "true"), m("args.flag", "^t")], "action": {"type": "block"}},
+        {"name": "array", "conditions": [m("args.tags", "bench"), m("args.tags", "")], "action": {"type": "block"}},
+        {"name": "any-path", "conditions": [m("args.path", "."), m("args.message", "^h")], "action": {"type": "warn"}},
+        {"name": "empty-path", "conditions": [m("args.path", "^$")], "action": {"type": "allow"}}
+    ]));
+    let some = |vs: &[Value]| vs.iter().cloned().map(Some).collect::<Vec<_>>();
+    let long_key = format!("/srv/{}.pem", "x".repeat(5000));
+    let mut paths = some(&[
+        json!("/etc/passwd"),
+        json!("/home/bob/.ssh/id"),
+        json!("/HOME/bob/.SSH/id"),
+        json!("/srv/a.PEM"),
+        json!("/srv/public.key"),
+        json!("/srv/data.csv"),
+        json!("/tmp/x"),
+        json!(""),
+        json!(long_key),
+        json!(12),
+    ]);
+    paths.push(None);
+    let mut messages = some(&[
+        json!("please DROP  TABLE users"),
+        json!("drop table orders"),
+        json!("secret-42"),
+        json!("hello"),
+    ]);
+    messages.push(None);
+    let mut limits = some(&[json!(1500), json!("1500"), json!(-3), json!(5000)]);
+    limits.push(None);
+    let calls = combinations(&[
+        ("path", paths),
+        ("message", messages),
+        ("limit", limits),
+        ("ratio", some(&[json!(0.5), json!("0.5"), json!(0.25)])),
+        ("user", some(&[json!("root"), json!("bob")])),
+        (
+            "flag",
+            some(&[json!(true), json!(null), json!({"t": "true"})]),
+        ),
+        ("tags", some(&[json!(["bench"])])),
+    ]);
+    let decided = grouping_agrees(&set, &[tool("read_file"), tool("write_file")], &calls);
+    // Every rule but those that can never match decides some call.
+    for (rule, n) in set.rules().iter().zip(&decided) {
+        let never = ["missing", "not-text", "array"].contains(&rule.name.as_str());
+        assert_eq!(*n == 0, never, "rule {:?} decided {n} calls", rule.name);
+    }
+}
+
+#[test]
+fn many_patterns_on_one_field_and_many_fields_still_agree() {
+    // More patterns on one field than a group holds, and more fields than a rule set has groups.
+    let mut list: Vec<Value> = (0..70)
+        .map(|i| {
+            json!({"name": format!("p{i}"), "conditions": [c("args.path", "matches", json!(format!("^/p{i}/")))],
+                   "action": {"type": "block"}})
+        })
+        .collect();
+    for f in 0..10 {
+        list.push(json!({"name": format!("f{f}"),
+            "conditions": [c(&format!("args.k{f}"), "matches", json!("^x")), c(&format!("args.k{f}"), "matches", json!("y$"))],
+            "action": {"type": "warn"}}));
+    }
+    let set = rules(Value::Array(list));
+    assert_eq!(set.groups.len(), MAX_GROUPS);
+    let mut calls: Vec<Value> = [0, 1, 7, 63, 64, 65, 69, 70]
+        .iter()
+        .map(|i| json!({"path": format!("/p{i}/x"), "k9": "xy"}))
+        .collect();
+    calls.extend((0..10).map(|f| json!({format!("k{f}"): "x-y", "path": "/p70/"})));
+    calls.extend((0..10).map(|f| json!({format!("k{f}"): "x-z"})));
+    let decided = grouping_agrees(&set, &[tool("x")], &calls);
+    assert_eq!(decided.iter().sum::<usize>(), 18);
+}
+
+#[test]
+fn a_group_is_searched_only_for_tools_that_read_two_of_its_patterns() {
+    let set = rules(json!([
+        {"name": "a", "verbMatchers": [{"type": "verb", "value": "read_*"}],
+         "conditions": [c("args.path", "matches", json!("^/etc/"))], "action": {"type": "block"}},
+        {"name": "b", "verbMatchers": [{"type": "verb", "value": "write_*"}],
+         "conditions": [c("args.path", "matches", json!("^/root/"))], "action": {"type": "block"}},
+        {"name": "c", "verbMatchers": [{"type": "verb", "value": "*_file"}],
+         "conditions": [c("args.path", "matches", json!("^/etc/"))], "action": {"type": "warn"}}
+    ]));
+    assert_eq!(set.groups.len(), 1);
+    assert_eq!(set.all_groups, 1);
+    assert_eq!(set.select(&tool("read_dir")).groups, 0);
+    // `c` repeats `a`'s pattern: one pattern, evaluated alone.
+    assert_eq!(set.select(&tool("read_file")).groups, 0);
+    assert_eq!(set.select(&tool("write_file")).groups, 1);
+    let t = tool("write_file");
+    assert_eq!(decide(&set, &t, &json!({"path": "/etc/x"})), Some("c"));
+    assert_eq!(decide(&set, &t, &json!({"path": "/root/x"})), Some("b"));
+    assert_eq!(
+        decide(&set, &tool("read_file"), &json!({"path": "/etc/x"})),
+        Some("a")
+    );
+}
+
 // ----- in / not_in -----
 
 #[test]
@@ -919,6 +1100,87 @@ fn timing_100_non_matching_rules() {
     });
     eprintln!("ToolCatalog::describe: {ns:.0} ns");
     assert!(worst < 2000.0, "worst {worst} ns");
+}
+
+/// The benchmark's regex rules (benches/rules.rs): `n - 1` failing `matches` conditions over
+/// `args.path` and `args.message`, then an `allow`.
+fn bench_regex_rules(n: usize) -> RuleSet {
+    let mut list: Vec<Value> = (0..n - 1)
+        .map(|i| {
+            let (field, re) = match i % 5 {
+                0 => ("args.path", format!("^/etc/{i}/")),
+                1 => ("args.path", format!(r"(?i)\.(pem|key|p{i})$")),
+                2 => ("args.message", format!(r"(?i)drop\s+table\s+t{i}")),
+                3 => ("args.path", format!(r"^/home/[^/]+/\.ssh{i}/")),
+                _ => ("args.message", format!("secret-{i}")),
+            };
+            json!({"name": format!("r{i}"), "conditions": [c(field, "matches", json!(re))],
+                   "action": {"type": "block"}})
+        })
+        .collect();
+    list.push(json!({"name": "allow", "action": {"type": "allow"}}));
+    rules(Value::Array(list))
+}
+
+#[test]
+#[ignore]
+fn timing_grouped_regexes() {
+    let rt = runtime();
+    let t = tool("read_file");
+    let long_message = "lorem ipsum dolor sit amet, consectetur adipiscing elit. ".repeat(1100);
+    let long_path = format!("/srv/{}/data.csv", "segment/".repeat(600));
+    let cases = [
+        (
+            "short",
+            json!({"path": "/srv/data/reports/2026/q3/summary-1.csv", "message": "hello from the benchmark"}),
+        ),
+        (
+            "64 KB message",
+            json!({"path": "/srv/data/x.csv", "message": long_message}),
+        ),
+        ("5 KB path", json!({"path": long_path, "message": "hello"})),
+    ];
+    for n in [10, 100] {
+        let start = std::time::Instant::now();
+        let set = bench_regex_rules(n);
+        let compile = start.elapsed();
+        let selection = set.select(&t);
+        let alone = Selection {
+            groups: 0,
+            ..selection.clone()
+        };
+        for (i, (label, args)) in cases.iter().enumerate() {
+            let call = CallFacts {
+                tool: &t,
+                args,
+                runtime: &rt,
+            };
+            let start = std::time::Instant::now();
+            let first = set
+                .evaluate_selected(&selection, &call)
+                .map(|r| r.name.as_str());
+            let first_call = start.elapsed();
+            assert_eq!(first, Some("allow"));
+            let grouped = per_call(|| {
+                std::hint::black_box(
+                    set.evaluate_selected(&selection, std::hint::black_box(&call)),
+                );
+            });
+            let one_by_one = per_call(|| {
+                std::hint::black_box(set.evaluate_selected(&alone, std::hint::black_box(&call)));
+            });
+            if i == 0 {
+                eprintln!(
+                    "{n} regex rules: compile {:.2} ms, first call (builds the searches) {:.2} ms",
+                    compile.as_secs_f64() * 1e3,
+                    first_call.as_secs_f64() * 1e3
+                );
+            }
+            eprintln!(
+                "  {label}: grouped {grouped:.0} ns, one by one {one_by_one:.0} ns per evaluate"
+            );
+        }
+    }
 }
 
 #[test]
