@@ -71,6 +71,7 @@ fn proxy(args: cli::RunArgs) -> u8 {
         tracing::warn!("{warning}");
     }
     guard::metadata::warm_up();
+    config.policies.warm_up();
     let audit = match &config.audit {
         Some(path) => match audit::Audit::open(path) {
             Ok(audit) => audit,

@@ -15,6 +15,8 @@
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 
+use std::sync::Arc;
+
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Map, Number, Value};
@@ -783,8 +785,8 @@ pub struct RuleSet {
     /// Every distinct `args` path the conditions read.
     paths: Vec<Box<[Segment]>>,
     /// The `matches` patterns of `conditions`, by field: each group's patterns are searched
-    /// together once per call, not one by one.
-    groups: Vec<RegexGroup>,
+    /// together once per call, not one by one. Shared with [`RuleSet::warm_up`]'s thread.
+    groups: Arc<[RegexGroup]>,
     /// Bit `g`: group `g` has at least two patterns (a [`Selection`] of every rule).
     all_groups: u64,
 }
@@ -822,11 +824,24 @@ impl RuleSet {
             matchers,
             conditions,
             paths: paths.paths,
-            groups,
+            groups: groups.into(),
             all_groups: 0,
         };
         set.all_groups = set.searching(&set.hot);
         Ok(set)
+    }
+
+    /// Builds the regex groups' searches on a thread of its own, beside the rest of start-up,
+    /// so that neither start-up nor the first call pays for them (a call that needs one before
+    /// it is built waits for it, and nothing is built twice).
+    pub fn warm_up(&self) {
+        if self.groups.is_empty() {
+            return;
+        }
+        let groups = self.groups.clone();
+        let _ = std::thread::Builder::new()
+            .name("warm-up rules".into())
+            .spawn(move || groups.iter().for_each(RegexGroup::prepare));
     }
 
     /// The groups worth searching for these rules: those they read two patterns of or more.

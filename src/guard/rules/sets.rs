@@ -13,8 +13,9 @@
 //! matches anywhere in the text, which is what `Regex::is_match` says for each one, and the
 //! patterns are parsed and compiled with the options `regex` uses.
 //!
-//! The multi-pattern searches are compiled on the first search, not at load, so they cost
-//! start-up nothing. The patterns are split by anchoring, because a search with all of them at
+//! The multi-pattern searches are compiled beside start-up on a thread of their own
+//! ([`super::RuleSet::warm_up`]), or on the first search if that comes first, not at load, so
+//! they cost start-up nothing. The patterns are split by anchoring, because a search with all of them at
 //! once is not always cheaper than one search per pattern:
 //!
 //! - patterns anchored at the start (`^/etc/`): together they are one anchored search, which
@@ -102,6 +103,16 @@ impl RegexGroup {
             None => return None,
         };
         u8::try_from(i).ok()
+    }
+
+    /// Builds the searches, if not yet done.
+    pub(super) fn prepare(&self) {
+        self.parts.get_or_init(|| build(&self.patterns));
+    }
+
+    #[cfg(test)]
+    pub(super) fn is_prepared(&self) -> bool {
+        self.parts.get().is_some()
     }
 
     /// Which of the group's patterns match somewhere in `text`, for those it can search cheaply.
