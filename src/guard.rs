@@ -185,6 +185,19 @@ impl Evaluation {
     }
 }
 
+/// Compiles, on a thread of its own, what the first calls would otherwise wait for: the
+/// tool-name inference table and the rules' regex groups. The relay starts it once the first
+/// answer is on its way to the host, so that it does not compete with start-up for a core.
+fn warm_up(policies: &RuleSet) {
+    let groups = policies.preparer();
+    let _ = std::thread::Builder::new()
+        .name("warm-up".into())
+        .spawn(move || {
+            metadata::prepare();
+            groups();
+        });
+}
+
 /// What the mode table (SPEC §1) makes of an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -238,6 +251,11 @@ struct Known {
 }
 
 impl Guard {
+    /// Starts compiling what the first calls would otherwise wait for (see [`warm_up`]).
+    pub fn warm_up(&self) {
+        warm_up(&self.policies);
+    }
+
     pub fn new(config: Config) -> Guard {
         Guard {
             mode: config.mode,

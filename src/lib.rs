@@ -8,9 +8,11 @@
 //! - [`config`]: `apie.mcp.json` and the flags, merged and validated before anything runs.
 //! - [`jsonrpc`]: the JSON-RPC envelope: one-pass classification, ids, error answers.
 //! - [`framing`]: newline framing with a length cap; the one writer per output.
-//! - [`stdio`]: our own stdin and stdout, driven by the reactor where they are pipes or sockets.
+//! - [`stdio`]: the descriptors the relay's threads read and write (our stdin and stdout, the
+//!   server's pipes).
 //! - [`upstream`]: the server's process group, and the shutdown cascade.
-//! - [`relay`]: the session: one reader task per direction, guarded forwarding.
+//! - [`relay`]: the session: one reader thread per direction, guarded forwarding, and the async
+//!   runtime for calls that wait.
 //! - [`guard`]: decisions and the mode table; [`guard::metadata`] (tool facts and risk) and
 //!   [`guard::rules`] (local rules).
 //! - [`remote`]: the Apie guard service over HTTP: evaluate, circuit breaker, approvals, events.
@@ -70,8 +72,6 @@ fn proxy(args: cli::RunArgs) -> u8 {
     for warning in &config.warnings {
         tracing::warn!("{warning}");
     }
-    guard::metadata::warm_up();
-    config.policies.warm_up();
     let audit = match &config.audit {
         Some(path) => match audit::Audit::open(path) {
             Ok(audit) => audit,
@@ -82,8 +82,8 @@ fn proxy(args: cli::RunArgs) -> u8 {
         },
         None => audit::Audit::disabled(),
     };
-    // One thread: a relay moves small messages between pipes, and every hop between worker
-    // threads would cost more than the work itself.
+    // One thread: the relay's readers are threads of their own (see `relay`); the runtime only
+    // holds what waits (the guard service, humans, the server's exit, signals, timers).
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -95,7 +95,8 @@ fn proxy(args: cli::RunArgs) -> u8 {
         }
     };
     let code = runtime.block_on(relay::run(config, audit));
-    // Where stdin is not a pipe or socket, its blocking read cannot be cancelled; do not wait.
+    // A reader thread blocked in `read`, or a write on the blocking pool to a host that stopped
+    // reading, cannot be cancelled: do not wait for them.
     runtime.shutdown_background();
     code
 }

@@ -491,12 +491,10 @@ static INFER_SET: LazyLock<RegexSet> = LazyLock::new(|| {
         .unwrap_or_else(|_| RegexSet::empty())
 });
 
-/// Compiles the inference table on another thread, so that neither start-up nor the host's
-/// first call waits for it (a call that comes sooner waits for the rest of the compilation).
-pub fn warm_up() {
-    let _ = std::thread::Builder::new()
-        .name("warm-up".into())
-        .spawn(|| LazyLock::force(&INFER_SET));
+/// Compiles the inference table now (see [`crate::guard::warm_up`]); a call that comes sooner
+/// waits for the rest of the compilation.
+pub fn prepare() {
+    LazyLock::force(&INFER_SET);
 }
 
 fn infer(qualified: &str) -> &'static InferRow {

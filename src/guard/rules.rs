@@ -785,7 +785,7 @@ pub struct RuleSet {
     /// Every distinct `args` path the conditions read.
     paths: Vec<Box<[Segment]>>,
     /// The `matches` patterns of `conditions`, by field: each group's patterns are searched
-    /// together once per call, not one by one. Shared with [`RuleSet::warm_up`]'s thread.
+    /// together once per call, not one by one. Shared with [`RuleSet::preparer`].
     groups: Arc<[RegexGroup]>,
     /// Bit `g`: group `g` has at least two patterns (a [`Selection`] of every rule).
     all_groups: u64,
@@ -831,17 +831,12 @@ impl RuleSet {
         Ok(set)
     }
 
-    /// Builds the regex groups' searches on a thread of its own, beside the rest of start-up,
-    /// so that neither start-up nor the first call pays for them (a call that needs one before
-    /// it is built waits for it, and nothing is built twice).
-    pub fn warm_up(&self) {
-        if self.groups.is_empty() {
-            return;
-        }
+    /// What builds the regex groups' searches, to run on another thread (see
+    /// [`crate::guard::warm_up`]): a call that needs one before it is built waits for it, and
+    /// nothing is built twice.
+    pub fn preparer(&self) -> impl FnOnce() + Send + 'static {
         let groups = self.groups.clone();
-        let _ = std::thread::Builder::new()
-            .name("warm-up rules".into())
-            .spawn(move || groups.iter().for_each(RegexGroup::prepare));
+        move || groups.iter().for_each(RegexGroup::prepare)
     }
 
     /// The groups worth searching for these rules: those they read two patterns of or more.

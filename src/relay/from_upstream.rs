@@ -11,9 +11,20 @@ use super::*;
 /// The upstream reader thread: runs until the server closes its stdout.
 pub(super) fn upstream_loop(shared: &Shared, input: Input, max: usize) {
     let mut reader = LineReader::new(input, max);
-    let idle = || shared.to_host.flush();
+    // The guard's warm-up starts once the first answer is written: on two cores, compiling
+    // beside the start-up delayed it.
+    let answered = std::cell::Cell::new(false);
+    let warming = std::cell::Cell::new(false);
+    let idle = || {
+        shared.to_host.flush();
+        if answered.get() && !warming.replace(true) {
+            shared.guard.warm_up();
+        }
+    };
     loop {
-        match reader.next(&idle) {
+        let frame = reader.next(&idle);
+        answered.set(true);
+        match frame {
             Ok(Some(Frame::Line(line))) => upstream_line(shared, line),
             Ok(Some(Frame::TooLong { head })) => {
                 let id = framing::sniff_id(&head);
@@ -36,7 +47,7 @@ pub(super) fn upstream_loop(shared: &Shared, input: Input, max: usize) {
             }
         }
     }
-    idle();
+    shared.to_host.flush();
     tracing::debug!("upstream closed its stdout");
 }
 

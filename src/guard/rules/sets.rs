@@ -13,8 +13,8 @@
 //! matches anywhere in the text, which is what `Regex::is_match` says for each one, and the
 //! patterns are parsed and compiled with the options `regex` uses.
 //!
-//! The multi-pattern searches are compiled beside start-up on a thread of their own
-//! ([`super::RuleSet::warm_up`]), or on the first search if that comes first, not at load, so
+//! The multi-pattern searches are compiled beside start-up on another thread
+//! ([`crate::guard::warm_up`]), or on the first search if that comes first, not at load, so
 //! they cost start-up nothing. The patterns are split by anchoring, because a search with all of them at
 //! once is not always cheaper than one search per pattern:
 //!

@@ -1228,7 +1228,7 @@ fn many_distinct_args_paths_and_shared_paths() {
 }
 
 #[test]
-fn warm_up_builds_the_regex_searches_before_any_call() {
+fn the_preparer_builds_the_regex_searches_before_any_call() {
     let set = rules(json!([
         {"name": "a", "conditions": [{"field": "args.path", "operator": "matches", "value": "^/etc/"}],
          "action": {"type": "block"}},
@@ -1237,15 +1237,8 @@ fn warm_up_builds_the_regex_searches_before_any_call() {
     ]));
     assert!(!set.groups.is_empty());
     assert!(set.groups.iter().all(|g| !g.is_prepared()), "built at load");
-    set.warm_up();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !set.groups.iter().all(RegexGroup::is_prepared) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not built by the warm-up"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    std::thread::spawn(set.preparer()).join().unwrap();
+    assert!(set.groups.iter().all(RegexGroup::is_prepared));
     let blocked = decide(&set, &tool("x"), &json!({"path": "/root/.ssh/id"}));
     assert_eq!(blocked, Some("b"));
 }
