@@ -46,6 +46,40 @@ pub struct Record<'a> {
     pub arguments_sha256: Option<&'a str>,
 }
 
+/// Who wrote a record: the same for every record of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Session<'a> {
+    pub run_id: &'a str,
+    pub agent_key: &'a str,
+    pub server: &'a str,
+    pub mode: &'a str,
+}
+
+impl<'a> Record<'a> {
+    /// A record of `session`, stamped now, with nothing but the `outcome` filled in.
+    pub fn new(session: Session<'a>, outcome: &'a str) -> Record<'a> {
+        Record {
+            ts: now(),
+            run_id: session.run_id,
+            agent_key: session.agent_key,
+            server: session.server,
+            mode: session.mode,
+            request_id: None,
+            tool: "",
+            risk_level: None,
+            decision: None,
+            outcome,
+            rule: None,
+            guardrail: None,
+            reason: None,
+            approval_id: None,
+            status: None,
+            latency_ms: 0.0,
+            arguments_sha256: None,
+        }
+    }
+}
+
 /// The current time as RFC 3339 with milliseconds, UTC.
 pub fn now() -> String {
     humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
@@ -168,24 +202,21 @@ mod tests {
         let path = dir.path().join("nested/audit.jsonl");
         for outcome in ["forwarded", "blocked"] {
             let audit = Audit::open(&path).unwrap();
-            audit.write(&Record {
-                ts: now(),
+            let session = Session {
                 run_id: "run_mcp_x",
                 agent_key: "agent",
                 server: "srv",
                 mode: "enforce",
+            };
+            audit.write(&Record {
                 request_id: Some(&crate::jsonrpc::Id::Number("1".into())),
                 tool: "echo",
                 risk_level: Some("low"),
                 decision: Some("allow"),
-                outcome,
                 rule: Some("r"),
-                guardrail: None,
-                reason: None,
-                approval_id: None,
-                status: None,
                 latency_ms: 0.1,
                 arguments_sha256: Some("ab"),
+                ..Record::new(session, outcome)
             });
             audit.close();
         }

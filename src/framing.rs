@@ -698,24 +698,15 @@ mod tests {
         let audit = Arc::new(Audit::open(&path).unwrap());
         let (outlet, reader) = piped(false);
         let outlet = outlet.behind(audit.clone());
-        audit.write(&crate::audit::Record {
-            ts: crate::audit::now(),
+        let session = crate::audit::Session {
             run_id: "run",
             agent_key: "agent",
             server: "srv",
             mode: "enforce",
-            request_id: None,
+        };
+        audit.write(&crate::audit::Record {
             tool: "deploy",
-            risk_level: None,
-            decision: Some("allow"),
-            outcome: "forwarded",
-            rule: None,
-            guardrail: None,
-            reason: None,
-            approval_id: None,
-            status: None,
-            latency_ms: 0.0,
-            arguments_sha256: None,
+            ..crate::audit::Record::new(session, "forwarded")
         });
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "buffered");
         outlet.push(Bytes::from_static(b"{}"));

@@ -443,25 +443,13 @@ impl Shared {
 
     /// An audit record of this session with nothing but the `outcome` filled in.
     pub(super) fn record<'a>(&'a self, outcome: &'a str) -> Record<'a> {
-        Record {
-            ts: audit::now(),
+        let session = audit::Session {
             run_id: &self.run_id,
             agent_key: &self.agent_key,
             server: &self.server,
             mode: self.mode.as_str(),
-            request_id: None,
-            tool: "",
-            risk_level: None,
-            decision: None,
-            outcome,
-            rule: None,
-            guardrail: None,
-            reason: None,
-            approval_id: None,
-            status: None,
-            latency_ms: 0.0,
-            arguments_sha256: None,
-        }
+        };
+        Record::new(session, outcome)
     }
 
     /// The answer to a blocked call (SPEC §7).
