@@ -2,7 +2,7 @@
 //! into one [`Config`] before anything is spawned.
 //!
 //! Loading runs in stages: read the file; replace `${VAR}` in every string; deserialise into the
-//! raw shapes of [`file`] (unknown keys and bad enum values are refused there, with the JSON path
+//! raw shapes of [`file`](mod@file) (unknown keys and bad enum values are refused there, with the JSON path
 //! of the field); pick the server entry; apply the command line; compile rules and tool
 //! declarations. Every failure is a [`ConfigError`] that names the field, and the binary exits 64.
 

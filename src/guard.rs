@@ -185,9 +185,7 @@ impl Evaluation {
     }
 }
 
-/// Compiles, on a thread of its own, what the first calls would otherwise wait for: the
-/// tool-name inference table and the rules' regex groups. The relay starts it once the first
-/// answer is on its way to the host, so that it does not compete with start-up for a core.
+/// See [`Guard::warm_up`]. One thread for both tables, so that start-up keeps the other core.
 fn warm_up(policies: &RuleSet) {
     let groups = policies.preparer();
     let _ = std::thread::Builder::new()
@@ -251,7 +249,10 @@ struct Known {
 }
 
 impl Guard {
-    /// Starts compiling what the first calls would otherwise wait for (see [`warm_up`]).
+    /// Starts compiling, on a thread of its own, what the first calls would otherwise wait for:
+    /// the tool-name inference table and the rules' regex groups. The relay starts it once the
+    /// first answer is on its way to the host, so that it does not compete with start-up for a
+    /// core.
     pub fn warm_up(&self) {
         warm_up(&self.policies);
     }

@@ -2,10 +2,10 @@
 //!
 //! Each direction is read by a thread of its own that does the whole job of a line on the spot,
 //! the way a bare byte relay would, with no hand-off between reading and writing:
-//! - the **host reader** ([`from_host`]) classifies every line from the host; it forwards what it
+//! - the **host reader** (`from_host`) classifies every line from the host; it forwards what it
 //!   understood, answers what it refused, and puts every `tools/call` through the guard before
 //!   forwarding;
-//! - the **upstream reader** ([`from_upstream`]) does the same for the server's lines: responses
+//! - the **upstream reader** (`from_upstream`) does the same for the server's lines: responses
 //!   are matched to the host's requests (to learn tool annotations from `tools/list` and to
 //!   answer whatever is still pending if the server dies), and only JSON-RPC ever reaches our
 //!   stdout;
@@ -14,11 +14,11 @@
 //!   producer keeps its order, and a burst of lines costs one `writev`.
 //!
 //! The async runtime (one thread) holds everything that waits: calls on the guard service or a
-//! human ([`held`]), the server's exit, signals, timers. [`run`] waits for the first of: host
+//! human (`held`), the server's exit, signals, timers. [`run`] waits for the first of: host
 //! EOF, our stdout closing, a signal, the server exiting, and then runs the one shutdown path.
 //!
 //! Forwarded messages are the original bytes of the line. What both readers and the held calls
-//! share ([`state`]) sits behind short, uncontended locks, never held across an await or a
+//! share (`state`) sits behind short, uncontended locks, never held across an await or a
 //! write; the submodules see this module's imports.
 
 use std::collections::HashMap;

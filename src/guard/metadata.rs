@@ -491,7 +491,7 @@ static INFER_SET: LazyLock<RegexSet> = LazyLock::new(|| {
         .unwrap_or_else(|_| RegexSet::empty())
 });
 
-/// Compiles the inference table now (see [`crate::guard::warm_up`]); a call that comes sooner
+/// Compiles the inference table now (see [`crate::guard::Guard::warm_up`]); a call that comes sooner
 /// waits for the rest of the compilation.
 pub fn prepare() {
     LazyLock::force(&INFER_SET);

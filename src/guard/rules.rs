@@ -832,7 +832,7 @@ impl RuleSet {
     }
 
     /// What builds the regex groups' searches, to run on another thread (see
-    /// [`crate::guard::warm_up`]): a call that needs one before it is built waits for it, and
+    /// [`crate::guard::Guard::warm_up`]): a call that needs one before it is built waits for it, and
     /// nothing is built twice.
     pub fn preparer(&self) -> impl FnOnce() + Send + 'static {
         let groups = self.groups.clone();

@@ -14,7 +14,7 @@
 //! patterns are parsed and compiled with the options `regex` uses.
 //!
 //! The multi-pattern searches are compiled beside start-up on another thread
-//! ([`crate::guard::warm_up`]), or on the first search if that comes first, not at load, so
+//! ([`crate::guard::Guard::warm_up`]), or on the first search if that comes first, not at load, so
 //! they cost start-up nothing. The patterns are split by anchoring, because a search with all of them at
 //! once is not always cheaper than one search per pattern:
 //!
