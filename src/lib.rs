@@ -103,15 +103,22 @@ fn proxy(args: cli::RunArgs) -> u8 {
 
 fn init_logging(level: Option<&str>) {
     use std::io::IsTerminal;
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(level) => EnvFilter::new(level),
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    // `--log-level`, else RUST_LOG: a level (`debug`) or `target=level` pairs (`apie_mcp=debug`).
+    let spec = level
+        .map(str::to_string)
+        .or_else(|| std::env::var("RUST_LOG").ok());
+    let filter = spec
+        .and_then(|s| s.parse::<Targets>().ok())
+        .unwrap_or_else(|| Targets::new().with_default(LevelFilter::INFO));
     let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(LevelFilter::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
+        .finish()
+        .with(filter)
         .try_init();
 }
