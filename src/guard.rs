@@ -185,17 +185,6 @@ impl Evaluation {
     }
 }
 
-/// See [`Guard::warm_up`]. One thread for both tables, so that start-up keeps the other core.
-fn warm_up(policies: &RuleSet) {
-    let groups = policies.preparer();
-    let _ = std::thread::Builder::new()
-        .name("warm-up".into())
-        .spawn(move || {
-            metadata::prepare();
-            groups();
-        });
-}
-
 /// What the mode table (SPEC §1) makes of an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -236,6 +225,8 @@ pub struct Guard {
     /// past [`METAS_KEPT`].
     metas: Mutex<HashMap<String, Known>>,
     hide_blocked_tools: bool,
+    /// [`Guard::warm_up`] has started.
+    warmed: std::sync::Once,
 }
 
 /// Most tools whose facts are kept (a host could name endless made-up tools).
@@ -250,11 +241,19 @@ struct Known {
 
 impl Guard {
     /// Starts compiling, on a thread of its own, what the first calls would otherwise wait for:
-    /// the tool-name inference table and the rules' regex groups. The relay starts it once the
-    /// first answer is on its way to the host, so that it does not compete with start-up for a
-    /// core.
+    /// the tool-name inference table and the rules' regex groups (one thread for both, so that
+    /// start-up keeps the other core). The relay calls it once the first answer is on its way to
+    /// the host, so that it does not compete with start-up; calls after the first do nothing.
     pub fn warm_up(&self) {
-        warm_up(&self.policies);
+        self.warmed.call_once(|| {
+            let groups = self.policies.preparer();
+            let _ = std::thread::Builder::new()
+                .name("warm-up".into())
+                .spawn(move || {
+                    metadata::prepare();
+                    groups();
+                });
+        });
     }
 
     pub fn new(config: Config) -> Guard {
@@ -269,6 +268,7 @@ impl Guard {
                 run_id: config.run_id,
             },
             hide_blocked_tools: config.hide_blocked_tools,
+            warmed: std::sync::Once::new(),
             policies: config.policies,
             catalog: RwLock::new(config.catalog),
             metas: Mutex::new(HashMap::new()),

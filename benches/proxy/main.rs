@@ -301,6 +301,36 @@ impl Sequential {
         self.cpu.push(used.cpu_ns as f64 / 1000.0 / calls as f64);
         self.switches.push(used.switches as f64 / calls as f64);
     }
+
+    /// The way's figures over all its rounds.
+    fn figures(&mut self) -> Figures {
+        self.latencies.sort_unstable();
+        Figures {
+            cps: median(&self.calls_per_s),
+            p50: micros(percentile(&self.latencies, 50.0)),
+            p99: micros(percentile(&self.latencies, 99.0)),
+        }
+    }
+}
+
+/// Calls per second (the median round), and p50 and p99 latency in µs.
+#[derive(Clone, Copy)]
+struct Figures {
+    cps: f64,
+    p50: f64,
+    p99: f64,
+}
+
+/// A row of the ratios `a / b` of each figure, then `blank` empty cells.
+fn ratio_row(name: &str, a: Figures, b: Figures, blank: usize) -> Vec<String> {
+    let mut row = vec![
+        name.into(),
+        ratio(a.cps, b.cps),
+        ratio(a.p50, b.p50),
+        ratio(a.p99, b.p99),
+    ];
+    row.extend(std::iter::repeat_n(String::new(), blank));
+    row
 }
 
 fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64>, Usage) {
@@ -532,44 +562,29 @@ fn main() {
         let mut fig = HashMap::new();
         for way in ways {
             let e = res.get_mut(&way).expect("ran");
-            e.latencies.sort_unstable();
-            let cps = median(&e.calls_per_s);
-            let p50 = micros(percentile(&e.latencies, 50.0));
-            let p99 = micros(percentile(&e.latencies, 99.0));
+            let f = e.figures();
             let lo = e.calls_per_s.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = e.calls_per_s.iter().copied().fold(0.0, f64::max);
-            fig.insert(way, (cps, p50, p99));
+            fig.insert(way, f);
             t.row(vec![
                 way.label().into(),
-                thousands(cps),
-                fixed(p50, 1),
-                fixed(p99, 1),
+                thousands(f.cps),
+                fixed(f.p50, 1),
+                fixed(f.p99, 1),
                 format!("{}..{}", thousands(lo), thousands(hi)),
                 fixed(median(&e.cpu), 1),
                 fixed(median(&e.switches), 1),
             ]);
         }
-        for (name, base) in [("proxy/relay", Way::Relay), ("proxy/direct", Way::Direct)] {
-            let (c, p50, p99) = fig[&Way::Proxy];
-            let (bc, bp50, bp99) = fig[&base];
-            t.row(vec![
-                name.into(),
-                ratio(c, bc),
-                ratio(p50, bp50),
-                ratio(p99, bp99),
-                String::new(),
-            ]);
+        for (name, way, base) in [
+            ("proxy/relay", Way::Proxy, Way::Relay),
+            ("proxy/direct", Way::Proxy, Way::Direct),
+            ("proxy (no audit)/relay", Way::ProxyNoAudit, Way::Relay),
+        ] {
+            t.row(ratio_row(name, fig[&way], fig[&base], 1));
         }
-        let (c, _, _) = fig[&Way::ProxyNoAudit];
-        t.row(vec![
-            "proxy (no audit)/relay".into(),
-            ratio(c, fig[&Way::Relay].0),
-            ratio(fig[&Way::ProxyNoAudit].1, fig[&Way::Relay].1),
-            ratio(fig[&Way::ProxyNoAudit].2, fig[&Way::Relay].2),
-            String::new(),
-        ]);
         print!("{}", t.render());
-        let r = fig[&Way::Proxy].0 / fig[&Way::Relay].0;
+        let r = fig[&Way::Proxy].cps / fig[&Way::Relay].cps;
         targets.push(Target {
             what: "sequential calls/s >= 0.9x relay".into(),
             measured: format!("{r:.2}x"),
@@ -690,19 +705,16 @@ fn main() {
         let mut fig = HashMap::new();
         for way in ways {
             let e = res.get_mut(&way).expect("ran");
-            e.latencies.sort_unstable();
-            let cps = median(&e.calls_per_s);
-            let p50 = micros(percentile(&e.latencies, 50.0));
-            let p99 = micros(percentile(&e.latencies, 99.0));
-            fig.insert(way, (cps, p50, p99));
+            let f = e.figures();
+            fig.insert(way, f);
             let c = counts[&way];
             let runs = s.rounds as f64;
             let service = matches!(way, Way::ProxyGuard | Way::ProxyGuardEvents);
             t.row(vec![
                 way.label().into(),
-                thousands(cps),
-                fixed(p50, 1),
-                fixed(p99, 1),
+                thousands(f.cps),
+                fixed(f.p50, 1),
+                fixed(f.p99, 1),
                 if service {
                     fixed(c.evaluate as f64 / (calls_per_run * runs), 3)
                 } else {
@@ -741,21 +753,11 @@ fn main() {
             ("proxy+guard/direct", Way::ProxyGuard, Way::Direct),
             ("proxy+guard/proxy", Way::ProxyGuard, Way::Proxy),
         ] {
-            let (c, p50, p99) = fig[&way];
-            let (bc, bp50, bp99) = fig[&base];
-            t.row(vec![
-                name.into(),
-                ratio(c, bc),
-                ratio(p50, bp50),
-                ratio(p99, bp99),
-                String::new(),
-                String::new(),
-                String::new(),
-            ]);
+            t.row(ratio_row(name, fig[&way], fig[&base], 3));
         }
         print!("{}", t.render());
-        let added = fig[&Way::ProxyGuard].1 - fig[&Way::Proxy].1;
-        let added_events = fig[&Way::ProxyGuardEvents].1 - fig[&Way::Proxy].1;
+        let added = fig[&Way::ProxyGuard].p50 - fig[&Way::Proxy].p50;
+        let added_events = fig[&Way::ProxyGuardEvents].p50 - fig[&Way::Proxy].p50;
         println!(
             "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs",
             fixed(added, 1),

@@ -15,10 +15,7 @@ use super::*;
 pub(super) fn host_loop(shared: &Arc<Shared>, input: Input, max: usize) {
     let watch = input.watch();
     let mut reader = LineReader::new(input, max);
-    let host = HostSide {
-        shared,
-        shared_arc: shared,
-    };
+    let host = HostSide { shared };
     // Outputs that do not take what the host sent do not stop the reading at once: the host's
     // EOF and cancellations are still seen (up to a backlog, see `Outlet`).
     let idle = || {
@@ -67,8 +64,7 @@ pub(super) fn host_loop(shared: &Arc<Shared>, input: Input, max: usize) {
 }
 
 pub(super) struct HostSide<'a> {
-    pub(super) shared: &'a Shared,
-    pub(super) shared_arc: &'a Arc<Shared>,
+    pub(super) shared: &'a Arc<Shared>,
 }
 
 impl HostSide<'_> {
@@ -290,12 +286,9 @@ impl HostSide<'_> {
         }
         let cancel = CancellationToken::new();
         shared.held().insert(held.id.clone(), cancel.clone());
-        let task = shared.runtime.spawn(held::wait(
-            self.shared_arc.clone(),
-            held,
-            ask_service,
-            cancel,
-        ));
+        let task = shared
+            .runtime
+            .spawn(held::wait(self.shared.clone(), held, ask_service, cancel));
         let mut tasks = shared.held_tasks();
         tasks.retain(|t| !t.is_finished());
         tasks.push(task);

@@ -14,10 +14,9 @@ pub(super) fn upstream_loop(shared: &Shared, input: Input, max: usize) {
     // The guard's warm-up starts once the first answer is written: on two cores, compiling
     // beside the start-up delayed it.
     let answered = std::cell::Cell::new(false);
-    let warming = std::cell::Cell::new(false);
     let idle = || {
         shared.to_host.flush();
-        if answered.get() && !warming.replace(true) {
+        if answered.get() {
             shared.guard.warm_up();
         }
     };
