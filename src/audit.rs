@@ -11,18 +11,27 @@
 //! [`Outlet`]: crate::framing::Outlet
 //! [`Outlet::behind`]: crate::framing::Outlet::behind
 
+use std::cell::Cell;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
+use crate::jsonrpc::write_str;
+
 /// One audit line.
+///
+/// The derived `Serialize` is the format's definition; records are written by
+/// [`Record::write_json`], which writes the same bytes without `serde`'s per-field work (a test
+/// holds the two together).
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Record<'a> {
-    pub ts: String,
+    #[serde(serialize_with = "serialize_ts")]
+    pub ts: SystemTime,
     pub run_id: &'a str,
     pub agent_key: &'a str,
     pub server: &'a str,
@@ -59,7 +68,7 @@ impl<'a> Record<'a> {
     /// A record of `session`, stamped now, with nothing but the `outcome` filled in.
     pub fn new(session: Session<'a>, outcome: &'a str) -> Record<'a> {
         Record {
-            ts: now(),
+            ts: SystemTime::now(),
             run_id: session.run_id,
             agent_key: session.agent_key,
             server: session.server,
@@ -80,9 +89,98 @@ impl<'a> Record<'a> {
     }
 }
 
-/// The current time as RFC 3339 with milliseconds, UTC.
+impl Record<'_> {
+    /// Appends the record as one JSON object (no newline): the text `Serialize` writes.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let str_or_null = |out: &mut Vec<u8>, v: Option<&str>| match v {
+            Some(v) => write_str(out, v),
+            None => out.extend_from_slice(b"null"),
+        };
+        out.extend_from_slice(b"{\"ts\":\"");
+        write_ts(out, self.ts);
+        out.extend_from_slice(b"\",\"runId\":");
+        write_str(out, self.run_id);
+        out.extend_from_slice(b",\"agentKey\":");
+        write_str(out, self.agent_key);
+        out.extend_from_slice(b",\"server\":");
+        write_str(out, self.server);
+        out.extend_from_slice(b",\"mode\":");
+        write_str(out, self.mode);
+        out.extend_from_slice(b",\"requestId\":");
+        match self.request_id {
+            Some(id) => id.write_json(out),
+            None => out.extend_from_slice(b"null"),
+        }
+        out.extend_from_slice(b",\"tool\":");
+        write_str(out, self.tool);
+        out.extend_from_slice(b",\"riskLevel\":");
+        str_or_null(out, self.risk_level);
+        out.extend_from_slice(b",\"decision\":");
+        str_or_null(out, self.decision);
+        out.extend_from_slice(b",\"outcome\":");
+        write_str(out, self.outcome);
+        out.extend_from_slice(b",\"rule\":");
+        str_or_null(out, self.rule);
+        if let Some(guardrail) = self.guardrail {
+            out.extend_from_slice(b",\"guardrail\":");
+            write_str(out, guardrail);
+        }
+        out.extend_from_slice(b",\"reason\":");
+        str_or_null(out, self.reason);
+        if let Some(approval_id) = self.approval_id {
+            out.extend_from_slice(b",\"approvalId\":");
+            write_str(out, approval_id);
+        }
+        if let Some(status) = self.status {
+            out.extend_from_slice(b",\"status\":");
+            write_str(out, status);
+        }
+        out.extend_from_slice(b",\"latencyMs\":");
+        // A number into a Vec cannot fail (NaN and infinities are written as `null`).
+        let _ = serde_json::to_writer(&mut *out, &self.latency_ms);
+        out.extend_from_slice(b",\"argumentsSha256\":");
+        str_or_null(out, self.arguments_sha256);
+        out.push(b'}');
+    }
+}
+
+/// The current time as RFC 3339 with milliseconds, UTC (`2026-11-23T16:39:53.068Z`).
 pub fn now() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+    let mut text = Vec::with_capacity(24);
+    write_ts(&mut text, SystemTime::now());
+    String::from_utf8(text).unwrap_or_default()
+}
+
+fn serialize_ts<S: serde::Serializer>(ts: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(&humantime::format_rfc3339_millis(*ts))
+}
+
+/// Appends `ts` as `humantime` writes it with milliseconds; the date and the time of day are
+/// formatted once a second, per thread.
+fn write_ts(out: &mut Vec<u8>, ts: SystemTime) {
+    const HEAD: usize = "2026-11-23T16:39:53".len();
+    thread_local! {
+        static SECOND: Cell<(u64, [u8; HEAD])> = const { Cell::new((u64::MAX, [0; HEAD])) };
+    }
+    let Ok(since) = ts.duration_since(UNIX_EPOCH) else {
+        return out.extend_from_slice(humantime::format_rfc3339_millis(ts).to_string().as_bytes());
+    };
+    let seconds = since.as_secs();
+    let (cached, mut head) = SECOND.get();
+    if cached != seconds {
+        let text = humantime::format_rfc3339_seconds(ts).to_string();
+        head.copy_from_slice(&text.as_bytes()[..HEAD]);
+        SECOND.set((seconds, head));
+    }
+    let millis = since.subsec_millis();
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&[
+        b'.',
+        b'0' + (millis / 100) as u8,
+        b'0' + (millis / 10 % 10) as u8,
+        b'0' + (millis % 10) as u8,
+        b'Z',
+    ]);
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,12 +246,7 @@ impl Audit {
         if sink.file.is_none() {
             return;
         }
-        let start = sink.lines.len();
-        if let Err(e) = serde_json::to_writer(&mut sink.lines, record) {
-            sink.lines.truncate(start);
-            tracing::error!(error = %e, "audit record not serialisable");
-            return;
-        }
+        record.write_json(&mut sink.lines);
         sink.lines.push(b'\n');
         if sink.lines.len() >= FLUSH_AT {
             sink.write_out();
@@ -195,6 +288,77 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_are_written_as_serde_writes_them() {
+        use crate::jsonrpc::Id;
+        use std::time::Duration;
+        let ids = [
+            None,
+            Some(Id::Number("7".into())),
+            Some(Id::Number("-0".into())),
+            Some(Id::Number("123456789012345678901234567890".into())),
+            Some(Id::String("a\"b\\c\u{1}é".into())),
+            Some(Id::String("back\\slash".into())),
+        ];
+        let texts = [
+            "",
+            "plain",
+            "back\\slash",
+            "tab\tonly",
+            "quote \" backslash \\ controls \n\t\r\u{0}\u{8}\u{c}\u{1f} del \u{7f}",
+            "ünïcödé ✓ 😀 \u{2028}",
+        ];
+        // Seconds that come back after another (the cache of the formatted second), the first
+        // and last millisecond of a second, and a leap day.
+        let times = [
+            0,
+            1_795_000_000_999,
+            1_795_000_001_000,
+            1_795_000_000_500,
+            1_709_208_000_123,
+        ]
+        .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
+        let session = Session {
+            run_id: "run_mcp_x",
+            agent_key: "agent \"k\"",
+            server: "srv",
+            mode: "enforce",
+        };
+        let mut n = 0;
+        for (i, id) in ids.iter().enumerate() {
+            for (j, text) in texts.iter().enumerate() {
+                for (k, ts) in times.iter().enumerate() {
+                    let some = |x: usize| x.is_multiple_of(2).then_some(*text);
+                    let record = Record {
+                        ts: *ts,
+                        request_id: id.as_ref(),
+                        tool: text,
+                        risk_level: some(i),
+                        decision: some(j + 1),
+                        rule: some(k),
+                        guardrail: some(i + j),
+                        reason: some(j + k + 1),
+                        approval_id: some(i + k + 1),
+                        status: some(i + j + k),
+                        latency_ms: [0.0, 0.123456, 1234.5, f64::NAN][(i + j + k) % 4],
+                        arguments_sha256: some(i + 1),
+                        ..Record::new(session, text)
+                    };
+                    let mut mine = Vec::new();
+                    record.write_json(&mut mine);
+                    let serde = serde_json::to_vec(&record).unwrap();
+                    assert_eq!(
+                        String::from_utf8(mine).unwrap(),
+                        String::from_utf8(serde).unwrap()
+                    );
+                    n += 1;
+                }
+            }
+        }
+        assert_eq!(n, 6 * 6 * 5);
+        assert_eq!(now().len(), "2026-11-23T16:39:53.068Z".len());
+    }
 
     #[test]
     fn records_are_appended_one_per_line() {

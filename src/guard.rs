@@ -366,11 +366,24 @@ impl Guard {
 }
 
 /// SHA-256 of the arguments in canonical form (object keys sorted, no whitespace), hex.
+///
+/// The canonical text is written into a buffer kept per thread and hashed at once: feeding the
+/// hasher piece by piece cost more than the hashing.
 pub fn arguments_digest(args: &Value) -> String {
     use sha2::{Digest, Sha256};
-    let mut hasher = Sha256::new();
-    hash_canonical(args, &mut hasher);
-    let digest = hasher.finalize();
+    thread_local! {
+        static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let digest = TEXT.with_borrow_mut(|text| {
+        text.clear();
+        write_canonical(args, text);
+        let digest = Sha256::digest(&*text);
+        // Don't keep a large call's text for the rest of the session.
+        if text.capacity() > 64 * 1024 {
+            *text = Vec::new();
+        }
+        digest
+    });
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(64);
     for b in digest {
@@ -380,37 +393,41 @@ pub fn arguments_digest(args: &Value) -> String {
     hex
 }
 
-/// Feeds `value` to the hasher as canonical JSON, without building the text first.
-fn hash_canonical(value: &Value, hasher: &mut sha2::Sha256) {
-    use sha2::Digest;
+/// Appends `value` as canonical JSON: object keys sorted (by their bytes), no whitespace,
+/// strings and numbers as `serde_json` writes them.
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    use crate::jsonrpc::write_str;
     match value {
         Value::Object(map) => {
-            let mut entries: Vec<_> = map.iter().collect();
+            let mut entries: smallvec::SmallVec<[(&String, &Value); 16]> = map.iter().collect();
             entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
-            hasher.update(b"{");
+            out.push(b'{');
             for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    hasher.update(b",");
+                    out.push(b',');
                 }
-                // Writing JSON into a hasher cannot fail.
-                let _ = serde_json::to_writer(&mut *hasher, k);
-                hasher.update(b":");
-                hash_canonical(v, hasher);
+                write_str(out, k);
+                out.push(b':');
+                write_canonical(v, out);
             }
-            hasher.update(b"}");
+            out.push(b'}');
         }
         Value::Array(items) => {
-            hasher.update(b"[");
+            out.push(b'[');
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
-                    hasher.update(b",");
+                    out.push(b',');
                 }
-                hash_canonical(v, hasher);
+                write_canonical(v, out);
             }
-            hasher.update(b"]");
+            out.push(b']');
         }
-        other => {
-            let _ = serde_json::to_writer(&mut *hasher, other);
+        Value::String(s) => write_str(out, s),
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => {
+            // Writing into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, n);
         }
     }
 }
@@ -514,5 +531,49 @@ mod tests {
             arguments_digest(&serde_json::json!({})),
             "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
         );
+    }
+
+    #[test]
+    fn the_digest_is_of_serde_jsons_text_with_sorted_keys() {
+        use sha2::{Digest, Sha256};
+        // The reference: the value rebuilt with its keys inserted in order, written by serde.
+        fn sorted(v: &Value) -> Value {
+            match v {
+                Value::Object(map) => {
+                    let mut keys: Vec<&String> = map.keys().collect();
+                    keys.sort();
+                    Value::Object(
+                        keys.into_iter()
+                            .map(|k| (k.clone(), sorted(&map[k])))
+                            .collect(),
+                    )
+                }
+                Value::Array(items) => Value::Array(items.iter().map(sorted).collect()),
+                other => other.clone(),
+            }
+        }
+        let args: Value = serde_json::from_str(
+            r#"{"z":[1,-2,3.5,1e300,18446744073709551615,-9223372036854775808,0.1,true,null],
+                "a":{"q\"uote":"back\\slash","ctl":"\u0001\n\t","":"","é":"ünï ✓ 😀"},
+                "B":{"nested":[{"y":1,"x":[]},{}]},"tab\tkey":"\u007f","b":"plain"}"#,
+        )
+        .unwrap();
+        let reference = serde_json::to_string(&sorted(&args)).unwrap();
+        let want: String = Sha256::digest(reference.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(arguments_digest(&args), want);
+        // Objects beyond the 16 entries sorted on the stack.
+        let wide: Value = (0..40)
+            .rev()
+            .map(|i| (format!("k{i}"), Value::from(i)))
+            .collect();
+        let reference = serde_json::to_string(&sorted(&wide)).unwrap();
+        let want: String = Sha256::digest(reference.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(arguments_digest(&wide), want);
     }
 }

@@ -449,6 +449,33 @@ struct ResultResponse<'a, T: Serialize> {
     result: &'a T,
 }
 
+// === writing JSON by hand ===
+
+/// Appends `s` as a JSON string literal, byte for byte as `serde_json` writes it. Most strings
+/// need no escape and are copied at once; the rest go through `serde_json`.
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        // Writing into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, s);
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
+}
+
+impl Id {
+    /// Appends the id as JSON, the same text as its [`Serialize`] impl writes.
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        match self {
+            // Integer literal text, as it came (see `Serialize`).
+            Id::Number(n) => out.extend_from_slice(n.as_bytes()),
+            Id::String(s) => write_str(out, s),
+        }
+    }
+}
+
 /// A JSON-RPC error response; `id` is omitted (never `null`) when unknown.
 pub fn error_response(
     id: Option<&Id>,
