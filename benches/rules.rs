@@ -140,7 +140,7 @@ fn rule_set(c: &mut Criterion) {
                 args: &args,
                 runtime: &rt,
             };
-            assert_eq!(set.evaluate(&facts).map(|r| r.name.as_str()), Some("allow"));
+            assert_eq!(set.evaluate(&facts).map(|r| &*r.name), Some("allow"));
             let name = if regex { "regex" } else { "plain" };
             group.bench_with_input(BenchmarkId::new(name, n), &facts, |b, facts| {
                 b.iter(|| std::hint::black_box(set.evaluate(std::hint::black_box(facts))))

@@ -81,7 +81,8 @@ impl Mode {
 
 // === the pipeline ===
 
-use std::collections::HashMap;
+use foldhash::{HashMap, HashMapExt};
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex, RwLock};
 
 use serde_json::Value;
@@ -94,10 +95,10 @@ use rules::{CallFacts, RuleSet, Runtime};
 /// Who made a decision.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Source {
-    /// A local rule: its name and reason.
+    /// A local rule: its name, and what a person reads about it (see [`rules::Rule`]).
     Rule {
-        name: String,
-        reason: Option<String>,
+        name: Arc<str>,
+        explanation: Arc<str>,
     },
     /// `riskDefaults`, for the tool's risk level.
     RiskDefault,
@@ -163,24 +164,21 @@ impl Evaluation {
     }
 
     /// A reason a person can read: the service's, else the rule's own, else what decided.
-    pub fn reason(&self) -> String {
+    pub fn reason(&self) -> Cow<'_, str> {
         if let Some(service) = &self.service {
             return match &service.reason {
-                Some(reason) => reason.clone(),
-                None => format!("the guard service decided {}", self.decision.as_str()),
+                Some(reason) => Cow::Borrowed(reason),
+                None => format!("the guard service decided {}", self.decision.as_str()).into(),
             };
         }
         match &self.source {
-            Source::Rule {
-                reason: Some(reason),
-                ..
-            } => reason.clone(),
-            Source::Rule { name, reason: None } => format!("matched rule {name:?}"),
+            Source::Rule { explanation, .. } => Cow::Borrowed(explanation),
             Source::RiskDefault => format!(
                 "no rule matched; riskDefaults for {} risk is {}",
                 self.meta.risk.as_str(),
                 self.decision.as_str()
-            ),
+            )
+            .into(),
         }
     }
 }
@@ -314,7 +312,7 @@ impl Guard {
                 rule.decision,
                 Source::Rule {
                     name: rule.name.clone(),
-                    reason: rule.reason.clone(),
+                    explanation: rule.explanation.clone(),
                 },
             ),
             None => (self.risk_defaults.decide(meta.risk), Source::RiskDefault),

@@ -454,7 +454,7 @@ struct ResultResponse<'a, T: Serialize> {
 /// Appends `s` as a JSON string literal, byte for byte as `serde_json` writes it. Most strings
 /// need no escape and are copied at once; the rest go through `serde_json`.
 pub fn write_str(out: &mut Vec<u8>, s: &str) {
-    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+    if needs_escape(s.as_bytes()) {
         // Writing into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, s);
     } else {
@@ -463,6 +463,26 @@ pub fn write_str(out: &mut Vec<u8>, s: &str) {
         out.extend_from_slice(s.as_bytes());
         out.push(b'"');
     }
+}
+
+/// Whether any byte is one JSON escapes in a string: a control character, `"` or `\\`.
+/// Eight bytes at a time: a byte-by-byte scan cost more than copying the string.
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
+    // A byte of `x` is zero, or below `n` (n <= 0x80): its high bit is set in the result.
+    let below = |x: u64, n: u8| x.wrapping_sub(ONES * u64::from(n)) & !x & HIGH;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let x = u64::from_ne_bytes(chunk.try_into().unwrap_or_default());
+        if below(x, 0x20) | below(x ^ (ONES * 0x22), 1) | below(x ^ (ONES * 0x5c), 1) != 0 {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
 impl Id {
@@ -508,6 +528,28 @@ pub fn result_response<T: Serialize>(id: &Id, result: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn strings_are_written_as_serde_writes_them() {
+        // Every byte value that can start or sit in a string, at every offset of a chunk.
+        let mut samples = vec![String::new(), "plain text of some length".into()];
+        for c in (0u8..=0x7f)
+            .map(char::from)
+            .chain(['é', '✓', '😀', '\u{2028}'])
+        {
+            for at in 0..10 {
+                let mut s: String = "abcdefghij".chars().take(at).collect();
+                s.push(c);
+                s.push_str("klmnopq");
+                samples.push(s);
+            }
+        }
+        for s in samples {
+            let mut mine = Vec::new();
+            write_str(&mut mine, &s);
+            assert_eq!(mine, serde_json::to_vec(&s).unwrap(), "{s:?}");
+        }
+    }
 
     #[test]
     fn ids_are_written_back_exactly_as_they_came() {

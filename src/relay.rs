@@ -21,7 +21,9 @@
 //! share (`state`) sits behind short, uncontended locks, never held across an await or a
 //! write; the submodules see this module's imports.
 
-use std::collections::HashMap;
+// foldhash: seeded per process, and several times faster than SipHash on the short keys of the
+// maps used on every call.
+use foldhash::{HashMap, HashMapExt};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

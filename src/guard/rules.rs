@@ -687,9 +687,12 @@ impl Check {
 /// One compiled rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
-    pub name: String,
+    pub name: Arc<str>,
     pub decision: Decision,
     pub reason: Option<String>,
+    /// What a person reads about a call this rule decided: its `reason`, else which rule it
+    /// was. Made once, so a decision only counts a reference.
+    pub explanation: Arc<str>,
     index: usize,
     action: RuleActionKind,
     matchers: Option<Box<[Matcher]>>,
@@ -1088,10 +1091,15 @@ fn compile_rule(i: usize, raw: RawRule, paths: &mut PathTable) -> Result<Rule, R
         .collect::<Result<Vec<_>, _>>()?;
     // All-of has no side effects: test the fixed facts before walking the arguments.
     conditions.sort_by_key(|c| c.reads_args);
+    let explanation = match &raw.reason {
+        Some(reason) => reason.as_str().into(),
+        None => format!("matched rule {:?}", raw.name).into(),
+    };
     Ok(Rule {
-        name: raw.name,
+        name: raw.name.into(),
         decision: raw.action.kind.decision(),
         reason: raw.reason,
+        explanation,
         index: i,
         action: raw.action.kind,
         matchers,

@@ -58,8 +58,8 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 /// the input, kept on the stack; large ones switch to a set of folded keys, so a hostile object
 /// with many keys costs linear time.
 pub struct KeySet<'de> {
-    small: [Cow<'de, str>; SMALL],
-    len: usize,
+    /// Kept inline: an object's key set is made for every object parsed.
+    small: smallvec::SmallVec<[Cow<'de, str>; SMALL]>,
     folded: Option<HashSet<String>>,
 }
 
@@ -68,8 +68,7 @@ const SMALL: usize = 16;
 impl Default for KeySet<'_> {
     fn default() -> Self {
         KeySet {
-            small: std::array::from_fn(|_| Cow::Borrowed("")),
-            len: 0,
+            small: smallvec::SmallVec::new(),
             folded: None,
         }
     }
@@ -87,17 +86,15 @@ impl<'de> KeySet<'de> {
                 Some(key.to_string())
             };
         }
-        let seen = &self.small[..self.len];
-        if let Some(clash) = seen.iter().find(|k| eq_ignore_case(k, &key)) {
+        if let Some(clash) = self.small.iter().find(|k| eq_ignore_case(k, &key)) {
             return Some(clash.to_string());
         }
-        if self.len == SMALL {
-            let mut set: HashSet<String> = seen.iter().map(|k| fold(k)).collect();
+        if self.small.len() == SMALL {
+            let mut set: HashSet<String> = self.small.drain(..).map(|k| fold(&k)).collect();
             set.insert(fold(&key));
             self.folded = Some(set);
         } else {
-            self.small[self.len] = key;
-            self.len += 1;
+            self.small.push(key);
         }
         None
     }

@@ -491,7 +491,7 @@ fn not_approved(
     }
     let reason = reason.unwrap_or_else(|| match status {
         Status::Timeout => format!("{}; nobody answered in time", held.eval.reason()),
-        _ => held.eval.reason(),
+        _ => held.eval.reason().into_owned(),
     });
     Ending::Refused {
         status,
@@ -542,7 +542,7 @@ async fn ask_local(
         agent_key: shared.agent_key.clone(),
         arguments_sha256: held.digest.clone(),
         rule: held.eval.rule().map(str::to_string),
-        reason: held.eval.reason(),
+        reason: held.eval.reason().into_owned(),
         created_ms: now,
         expires_ms: now + left.as_millis() as u64,
         pid: std::process::id(),

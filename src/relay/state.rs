@@ -2,6 +2,8 @@
 //! the server-to-host id map, held calls, what the host can do; and how the proxy answers,
 //! audits and reports on its own.
 
+use std::borrow::Cow;
+
 use super::from_host::ToolCall;
 use super::held::HeldCall;
 use super::*;
@@ -403,14 +405,7 @@ impl Shared {
             return;
         }
         let eval = &held.eval;
-        let own_reason;
-        let reason = match reason {
-            Some(reason) => reason,
-            None => {
-                own_reason = eval.reason();
-                &own_reason
-            }
-        };
+        let reason = reason.map_or_else(|| eval.reason(), Cow::Borrowed);
         self.audit.write(&Record {
             request_id: Some(&held.id),
             tool: &eval.meta.name,
@@ -418,7 +413,7 @@ impl Shared {
             decision: Some(eval.decision.as_str()),
             rule: eval.rule(),
             guardrail: eval.guardrail(),
-            reason: Some(reason),
+            reason: Some(&reason),
             approval_id,
             status,
             latency_ms: held.started.elapsed().as_secs_f64() * 1000.0,

@@ -43,10 +43,10 @@ fn decide<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str
         args,
         runtime: &rt,
     };
-    let direct = set.evaluate(&call).map(|r| r.name.as_str());
+    let direct = set.evaluate(&call).map(|r| &*r.name);
     let selected = set
         .evaluate_selected(&set.select(tool), &call)
-        .map(|r| r.name.as_str());
+        .map(|r| &*r.name);
     assert_eq!(
         direct, selected,
         "a selection disagrees for {}",
@@ -339,8 +339,7 @@ fn decide_one_by_one<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Opt
         groups: 0,
         ..set.select(tool)
     };
-    set.evaluate_selected(&alone, &call)
-        .map(|r| r.name.as_str())
+    set.evaluate_selected(&alone, &call).map(|r| &*r.name)
 }
 
 /// Every combination of `choices` (a key and its values; `None` leaves the key out).
@@ -449,7 +448,7 @@ fn grouped_regexes_decide_as_each_regex_alone() {
     let decided = grouping_agrees(&set, &[tool("read_file"), tool("write_file")], &calls);
     // Every rule but those that can never match decides some call.
     for (rule, n) in set.rules().iter().zip(&decided) {
-        let never = ["missing", "not-text", "array"].contains(&rule.name.as_str());
+        let never = ["missing", "not-text", "array"].contains(&&*rule.name);
         assert_eq!(*n == 0, never, "rule {:?} decided {n} calls", rule.name);
     }
 }
@@ -626,7 +625,7 @@ fn fixed_fields() {
         args: &a,
         runtime: &rt,
     };
-    assert_eq!(set.evaluate(&call).map(|r| r.name.as_str()), Some("r"));
+    assert_eq!(set.evaluate(&call).map(|r| &*r.name), Some("r"));
 }
 
 #[test]
@@ -1156,9 +1155,7 @@ fn timing_grouped_regexes() {
                 runtime: &rt,
             };
             let start = std::time::Instant::now();
-            let first = set
-                .evaluate_selected(&selection, &call)
-                .map(|r| r.name.as_str());
+            let first = set.evaluate_selected(&selection, &call).map(|r| &*r.name);
             let first_call = start.elapsed();
             assert_eq!(first, Some("allow"));
             let grouped = per_call(|| {
