@@ -19,7 +19,7 @@ pub mod strict;
 use std::borrow::Cow;
 use std::fmt;
 
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -130,8 +130,28 @@ pub enum Parsed<'a> {
 #[derive(Debug)]
 pub struct Message<'a> {
     pub kind: Kind<'a>,
-    /// `params` as raw JSON, when present.
-    pub params: Option<&'a RawValue>,
+    /// `params`, when present.
+    pub params: Option<Params<'a>>,
+}
+
+/// A message's `params`.
+#[derive(Debug)]
+pub enum Params<'a> {
+    /// As raw JSON.
+    Raw(&'a RawValue),
+    /// A `tools/call`'s params, parsed strictly ([`strict::parse`]) as the line was read, when
+    /// `method` came before them (the usual order): the guard reads them without a second pass.
+    Call(serde_json::Value),
+}
+
+impl<'a> Params<'a> {
+    /// The raw JSON; `None` for params already parsed (only a `tools/call`'s are).
+    pub fn raw(&self) -> Option<&'a RawValue> {
+        match self {
+            Params::Raw(raw) => Some(raw),
+            Params::Call(_) => None,
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -148,7 +168,12 @@ pub enum Reply<'a> {
     Error(&'a RawValue),
 }
 
-impl Message<'_> {
+impl<'a> Message<'a> {
+    /// `params` as raw JSON (see [`Params::raw`]).
+    pub fn raw_params(&self) -> Option<&'a RawValue> {
+        self.params.as_ref().and_then(Params::raw)
+    }
+
     pub fn method(&self) -> Option<&str> {
         match &self.kind {
             Kind::Request { method, .. } | Kind::Notification { method } => Some(method),
@@ -198,7 +223,27 @@ impl Rejection {
 
 /// Classifies one line (without its newline).
 pub fn classify(line: &[u8]) -> Parsed<'_> {
-    match serde_json::from_slice::<TopLevel<'_>>(line) {
+    // UTF-8 is checked once, over the whole line; the members are then borrowed as they are
+    // (from bytes, serde_json would check each of them again).
+    let text = match std::str::from_utf8(line) {
+        Ok(text) => text,
+        Err(e) => return Parsed::Rejected(Rejection::parse_error(e)),
+    };
+    let parsed = classify_text(text, true);
+    // Anything wrong, read again without parsing `tools/call` params on the way, so every
+    // refusal says what it always said (and carries the id, wherever it stands in the line).
+    if let Parsed::Rejected(_) = parsed {
+        return classify_text(text, false);
+    }
+    parsed
+}
+
+fn classify_text(text: &str, read_call_params: bool) -> Parsed<'_> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let top = TopLevelSeed { read_call_params }
+        .deserialize(&mut de)
+        .and_then(|top| de.end().map(|()| top));
+    match top {
         Ok(TopLevel::Object(fields)) => fields.into_parsed(),
         Ok(TopLevel::Array(items)) if items.is_empty() => {
             Parsed::Rejected(Rejection::invalid(None, "Invalid Request: empty batch"))
@@ -238,7 +283,7 @@ struct Fields<'a> {
     jsonrpc: Option<&'a RawValue>,
     id: Option<&'a RawValue>,
     method: Option<&'a RawValue>,
-    params: Option<&'a RawValue>,
+    params: Option<Params<'a>>,
     result: Option<&'a RawValue>,
     error: Option<&'a RawValue>,
     key_problem: Option<String>,
@@ -265,9 +310,15 @@ impl<'a> Fields<'a> {
         if self.jsonrpc.map(RawValue::get) != Some("\"2.0\"") {
             return reject("Invalid Request: jsonrpc must be \"2.0\"".into());
         }
-        if let Some(params) = self.params
-            && !matches!(params.get().as_bytes().first(), Some(b'{' | b'['))
-        {
+        let structured = match &self.params {
+            None
+            | Some(Params::Call(serde_json::Value::Object(_) | serde_json::Value::Array(_))) => {
+                true
+            }
+            Some(Params::Call(_)) => false,
+            Some(Params::Raw(raw)) => matches!(raw.get().as_bytes().first(), Some(b'{' | b'[')),
+        };
+        if !structured {
             return reject("Invalid Request: params must be an object or an array".into());
         }
         match (self.method, self.result, self.error) {
@@ -310,11 +361,21 @@ impl<'a> Fields<'a> {
     }
 }
 
-impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = TopLevel<'a>;
+/// Reads a top-level value; with `read_call_params`, the params of a `tools/call` whose
+/// `method` came first are parsed strictly on the way ([`Params::Call`]).
+struct TopLevelSeed {
+    read_call_params: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for TopLevelSeed {
+    type Value = TopLevel<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<TopLevel<'de>, D::Error> {
+        struct V {
+            read_call_params: bool,
+        }
+        impl<'de> Visitor<'de> for V {
+            type Value = TopLevel<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a JSON-RPC message")
             }
@@ -322,7 +383,6 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                 let mut fields = Fields::default();
                 let mut keys = strict::KeySet::default();
                 while let Some(key) = map.next_key::<strict::Key<'de>>()? {
-                    let value: &'de RawValue = map.next_value()?;
                     let key = key.0;
                     if fields.key_problem.is_none()
                         && let Some(clash) = keys.insert(key.clone())
@@ -333,7 +393,19 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                         "jsonrpc" => &mut fields.jsonrpc,
                         "id" => &mut fields.id,
                         "method" => &mut fields.method,
-                        "params" => &mut fields.params,
+                        "params"
+                            if self.read_call_params
+                                && fields.params.is_none()
+                                && fields.method.is_some_and(|m| m.get() == "\"tools/call\"") =>
+                        {
+                            let params = map.next_value_seed(strict::seed())?;
+                            fields.params = Some(Params::Call(params));
+                            continue;
+                        }
+                        "params" => {
+                            fields.params = Some(Params::Raw(map.next_value()?));
+                            continue;
+                        }
                         "result" => &mut fields.result,
                         "error" => &mut fields.error,
                         other => {
@@ -344,10 +416,11 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                                 fields.key_problem =
                                     Some(format!("member {other:?} must be spelled {m:?}"));
                             }
+                            map.next_value::<de::IgnoredAny>()?;
                             continue;
                         }
                     };
-                    *slot = Some(value);
+                    *slot = Some(map.next_value()?);
                 }
                 Ok(TopLevel::Object(fields))
             }
@@ -377,7 +450,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for TopLevel<'a> {
                 Ok(TopLevel::Other)
             }
         }
-        d.deserialize_any(V(std::marker::PhantomData))
+        d.deserialize_any(V {
+            read_call_params: self.read_call_params,
+        })
     }
 }
 
@@ -583,12 +658,42 @@ mod tests {
     }
 
     #[test]
+    fn tools_call_params_are_parsed_on_the_way_only_when_method_comes_first() {
+        let m = message(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"b":[1]},"id":1}"#);
+        assert!(matches!(&m.params, Some(Params::Call(v)) if v == &serde_json::json!({"b": [1]})));
+        // Params before the method, or another method's: raw, as they came.
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"params":{"b" : 1},"method":"tools/call"}"#);
+        assert_eq!(m.raw_params().unwrap().get(), r#"{"b" : 1}"#);
+        let m = message(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"b":1,"B":2}}"#);
+        assert_eq!(m.raw_params().unwrap().get(), r#"{"b":1,"B":2}"#);
+        // Params the strict parse refuses: the message is still a request with its id, and its
+        // params raw, so the guard refuses the call itself, as when they came first.
+        for line in [
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"b":1,"B":2},"id":9}"#,
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"s":"\ud800"},"id":9}"#,
+        ] {
+            let m = message(line);
+            assert!(
+                matches!(&m.kind, Kind::Request { id, .. } if id.as_text() == "9"),
+                "{line}"
+            );
+            assert!(m.raw_params().is_some(), "{line}");
+        }
+        // Not params that are not an object or an array.
+        let r = rejected(r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":5}"#);
+        assert_eq!(
+            (r.code, r.id),
+            (code::INVALID_REQUEST, Some(Id::Number("3".into())))
+        );
+    }
+
+    #[test]
     fn requests_notifications_and_responses_are_told_apart() {
         let m = message(r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"a":1}}"#);
         assert!(
             matches!(&m.kind, Kind::Request { id: Id::Number(n), method } if &**n == "7" && method == "tools/call")
         );
-        assert_eq!(m.params.unwrap().get(), r#"{"a":1}"#);
+        assert!(matches!(&m.params, Some(Params::Call(v)) if v == &serde_json::json!({"a": 1})));
 
         let m = message(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         assert!(matches!(m.kind, Kind::Notification { .. }));

@@ -16,6 +16,15 @@ use serde_json::{Map, Value};
 /// True when `a` and `b` are equal ignoring case, Unicode-aware (`K` and the Kelvin sign,
 /// `s` and the long s both count).
 pub fn eq_ignore_case(a: &str, b: &str) -> bool {
+    // The quick no (most keys compared are different): ASCII first characters that differ
+    // ignoring case. The fold below maps each ASCII character to one ASCII character.
+    if let (Some(x), Some(y)) = (a.as_bytes().first(), b.as_bytes().first())
+        && x.is_ascii()
+        && y.is_ascii()
+        && !x.eq_ignore_ascii_case(y)
+    {
+        return false;
+    }
     if a.is_ascii() && b.is_ascii() {
         return a.eq_ignore_ascii_case(b);
     }
@@ -139,8 +148,14 @@ pub fn clash_message(what: &str, key: &str, clash: &str) -> String {
     }
 }
 
+/// The strict parse as a seed, for a value met in the middle of a larger parse (see
+/// [`crate::jsonrpc::Params::Call`]); refuses keys equal ignoring case, as [`parse`] does.
+pub fn seed() -> StrictSeed {
+    StrictSeed { fold_case: true }
+}
+
 #[derive(Clone, Copy)]
-struct StrictSeed {
+pub struct StrictSeed {
     fold_case: bool,
 }
 
@@ -241,6 +256,27 @@ mod tests {
         }
         text.push_str("\"K19999\":0}");
         assert!(parse(&text).unwrap_err().contains("duplicate key"));
+    }
+
+    #[test]
+    fn keys_compare_ignoring_case_in_unicode() {
+        for (a, b, equal) in [
+            ("name", "Name", true),
+            ("NAME", "name", true),
+            ("name", "names", false),
+            ("name", "came", false),
+            ("", "", true),
+            ("", "a", false),
+            ("k", "\u{212a}", true),
+            ("\u{212a}ey", "KEY", true),
+            ("ss", "ß", true),
+            ("s", "\u{17f}", true),
+            ("é", "É", true),
+            ("é", "e", false),
+        ] {
+            assert_eq!(eq_ignore_case(a, b), equal, "{a:?} {b:?}");
+            assert_eq!(eq_ignore_case(b, a), equal, "{b:?} {a:?}");
+        }
     }
 
     #[test]

@@ -134,6 +134,7 @@ impl HostSide<'_> {
     }
 
     pub(super) fn message(&self, msg: Message<'_>, raw: Bytes, batch: Option<u64>) {
+        let params = msg.raw_params();
         match &msg.kind {
             Kind::Request { id, method } if method == "tools/call" => {
                 self.tools_call(id, msg.params, raw, batch)
@@ -146,7 +147,7 @@ impl HostSide<'_> {
                 let expect = match method.as_ref() {
                     "tools/list" => Expect::ToolsList,
                     "initialize" => {
-                        self.shared.host().elicitation = declares_form_elicitation(msg.params);
+                        self.shared.host().elicitation = declares_form_elicitation(params);
                         Expect::Initialize
                     }
                     _ => Expect::Plain,
@@ -157,7 +158,7 @@ impl HostSide<'_> {
                 self.forward(raw);
             }
             Kind::Notification { method } if method == "notifications/cancelled" => {
-                let id = cancelled_id(msg.params);
+                let id = cancelled_id(params);
                 // A held call the server never saw: end the wait here, answer nothing.
                 if let Some(cancel) = id.as_ref().and_then(|id| self.shared.held().remove(id)) {
                     cancel.cancel();
@@ -207,7 +208,7 @@ impl HostSide<'_> {
     pub(super) fn tools_call(
         &self,
         id: &Id,
-        params: Option<&RawValue>,
+        params: Option<Params<'_>>,
         raw: Bytes,
         batch: Option<u64>,
     ) {
@@ -372,7 +373,7 @@ impl ToolCall {
 }
 
 impl ToolCall {
-    pub(super) fn read(params: Option<&RawValue>) -> Result<ToolCall, Rejection> {
+    pub(super) fn read(params: Option<Params<'_>>) -> Result<ToolCall, Rejection> {
         let invalid_params = |message: String| Rejection {
             code: code::INVALID_PARAMS,
             message: message.into(),
@@ -383,12 +384,15 @@ impl ToolCall {
                 "Invalid params: tools/call needs params".into(),
             ));
         };
-        let mut value = jsonrpc::strict::parse(params.get()).map_err(|e| {
-            Rejection::invalid(
-                None,
-                format!("Invalid Request: tools/call params refused: {e}"),
-            )
-        })?;
+        let mut value = match params {
+            Params::Call(value) => value,
+            Params::Raw(raw) => jsonrpc::strict::parse(raw.get()).map_err(|e| {
+                Rejection::invalid(
+                    None,
+                    format!("Invalid Request: tools/call params refused: {e}"),
+                )
+            })?,
+        };
         let Some(object) = value.as_object_mut() else {
             return Err(invalid_params(
                 "Invalid params: params must be an object".into(),

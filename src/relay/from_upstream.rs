@@ -122,12 +122,15 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
         }
         Kind::Notification { method } if method == "notifications/cancelled" => {
             // The server gave up on one of its requests: name it as the host knows it.
-            let remapped = cancelled_id(msg.params).and_then(|server_id| {
+            let remapped = cancelled_id(msg.raw_params()).and_then(|server_id| {
                 let mut outbound = shared.outbound();
                 let host_id = outbound.host_id_of(&server_id)?;
                 outbound.by_host_id.remove(&host_id);
-                let params =
-                    jsonrpc::replace_member(msg.params?.get(), "requestId", &host_id.to_json())?;
+                let params = jsonrpc::replace_member(
+                    msg.raw_params()?.get(),
+                    "requestId",
+                    &host_id.to_json(),
+                )?;
                 let text = std::str::from_utf8(&raw).ok()?;
                 jsonrpc::replace_member(text, "params", &params).map(Bytes::from)
             });
@@ -139,7 +142,9 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
                     shared.guard.forget();
                     raw
                 }
-                "notifications/progress" => shift_progress(shared, msg.params, &raw).unwrap_or(raw),
+                "notifications/progress" => {
+                    shift_progress(shared, msg.raw_params(), &raw).unwrap_or(raw)
+                }
                 _ => raw,
             };
             shared.reply(None, raw)

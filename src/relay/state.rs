@@ -422,7 +422,7 @@ impl Shared {
         });
     }
 
-    pub(super) fn audit_dropped(&self, params: Option<&RawValue>) {
+    pub(super) fn audit_dropped(&self, params: Option<Params<'_>>) {
         if self.mode == Mode::Off || !self.audit.enabled() {
             return;
         }
