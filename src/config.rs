@@ -565,6 +565,18 @@ pub fn resolve(
         if service.api_key_env.is_empty() {
             return Err(ConfigError::at("guard.apiKeyEnv", "must not be empty"));
         }
+        // The key travels in an HTTP header, which cannot carry control characters.
+        if let Some(key) = &service.api_key
+            && key.0.bytes().any(|b| (b < 0x20 && b != b'\t') || b == 0x7f)
+        {
+            return Err(ConfigError::at(
+                "guard.apiKeyEnv",
+                format!(
+                    "${} holds a control character (a stray newline?), which an HTTP header cannot carry",
+                    service.api_key_env
+                ),
+            ));
+        }
         if service.timeout.is_zero() {
             return Err(ConfigError::at("guard.timeoutMs", "must be positive"));
         }

@@ -14,6 +14,7 @@ pub mod verdict;
 use std::time::{Duration, Instant};
 
 use reqwest::Url;
+use reqwest::header::HeaderValue;
 use serde_json::{Value, json};
 
 use crate::approval::Status;
@@ -74,9 +75,10 @@ impl Failure {
         }
     }
 
-    /// 401, 403 and 404 mean the key or the URL is wrong, not that the service is down.
+    /// 401, 403 and 404 mean the key or the URL is wrong, not that the service is down; so
+    /// does a redirect (never followed: the key is not sent on to another address).
     pub fn is_config_error(&self) -> bool {
-        matches!(self.http_status(), Some(401 | 403 | 404))
+        matches!(self.http_status(), Some(300..=399 | 401 | 403 | 404))
     }
 
     /// The audit outcome of a call this failure decided.
@@ -93,7 +95,8 @@ impl Failure {
 pub(crate) struct Endpoint {
     http: reqwest::Client,
     base: Url,
-    key: String,
+    /// `Authorization: Bearer <key>`, made once and marked sensitive (kept out of debug output).
+    auth: HeaderValue,
     timeout: Duration,
 }
 
@@ -118,7 +121,9 @@ impl Endpoint {
         body: &impl serde::Serialize,
         timeout: Duration,
     ) -> Result<Value, Failure> {
-        let bytes = serde_json::to_vec(body).map_err(|e| Failure::BadBody(e.to_string()))?;
+        // An evaluate body is most of a kilobyte: one allocation, not a doubling series.
+        let mut bytes = Vec::with_capacity(1024);
+        serde_json::to_writer(&mut bytes, body).map_err(|e| Failure::BadBody(e.to_string()))?;
         let request = self
             .http
             .post(url.clone())
@@ -140,7 +145,7 @@ impl Endpoint {
             }
         };
         let response = request
-            .bearer_auth(&self.key)
+            .header(reqwest::header::AUTHORIZATION, self.auth.clone())
             .timeout(timeout)
             .send()
             .await
@@ -203,6 +208,8 @@ pub enum SetupError {
     BadUrl(String),
     #[error("cannot build the HTTP client: {0}")]
     Client(String),
+    #[error("the API key holds characters an HTTP header cannot carry")]
+    BadKey,
 }
 
 impl Service {
@@ -221,12 +228,16 @@ impl Service {
             .user_agent(concat!("apie-mcp/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.timeout)
             .pool_idle_timeout(Duration::from_secs(90))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| SetupError::Client(error_chain(&e)))?;
+        let mut auth =
+            HeaderValue::try_from(format!("Bearer {}", key.0)).map_err(|_| SetupError::BadKey)?;
+        auth.set_sensitive(true);
         let endpoint = Endpoint {
             http,
             base,
-            key: key.0.clone(),
+            auth,
             timeout: config.timeout,
         };
         tokio::spawn(identify(endpoint.clone(), identity.clone()));

@@ -1186,6 +1186,13 @@ fn failure_cases() -> Vec<FailureCase> {
         other("empty body", Reply::raw(200, ""), "bad_body"),
         other("timeout", Reply::decision("allow").delayed(1500), "timeout"),
         // Configuration errors last: the stderr line must not appear before them.
+        // A redirect is not followed (the key would go on to another address): were it
+        // followed, the service would answer this very call with the next case's reply.
+        FailureCase {
+            name: "redirect",
+            reply: Reply::redirect(307, "/v1/guardrails/evaluate"),
+            ..http(307, true)
+        },
         http(401, true),
         http(403, true),
         http(404, true),

@@ -415,3 +415,25 @@ fn the_api_key_comes_from_the_named_variable_and_an_empty_one_means_none() {
     .unwrap();
     assert_eq!(c.guard.api_key, Some(ApiKey("yes".into())));
 }
+
+#[test]
+fn an_api_key_a_header_cannot_carry_is_refused_at_load() {
+    let json = format!("{{{MIN}}}");
+    let load = |key: &str| load_json(&json, &RunArgs::default(), &[("APIE_API_KEY", key)]);
+    let e = load("sk_live\n").unwrap_err();
+    assert_eq!(e.path.as_deref(), Some("guard.apiKeyEnv"), "{e}");
+    assert!(
+        e.message
+            .contains("$APIE_API_KEY holds a control character"),
+        "{e}"
+    );
+    assert!(
+        !e.to_string().contains("sk_live"),
+        "the key is not shown: {e}"
+    );
+    assert!(load("sk\u{7f}").is_err());
+    assert_eq!(
+        load("sk live\tkey").unwrap().guard.api_key,
+        Some(ApiKey("sk live\tkey".into()))
+    );
+}

@@ -80,6 +80,8 @@ pub struct Reply {
     pub status: u16,
     pub body: ReplyBody,
     pub delay: Duration,
+    /// A `Location` header (for redirects).
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -94,6 +96,15 @@ impl Reply {
             status,
             body: ReplyBody::Json(body),
             delay: Duration::ZERO,
+            location: None,
+        }
+    }
+
+    /// A redirect to `location` (a path on this server, or any URL).
+    pub fn redirect(status: u16, location: &str) -> Reply {
+        Reply {
+            location: Some(location.to_owned()),
+            ..Reply::raw(status, "")
         }
     }
 
@@ -103,6 +114,7 @@ impl Reply {
             status,
             body: ReplyBody::Raw(text.to_owned()),
             delay: Duration::ZERO,
+            location: None,
         }
     }
 
@@ -140,6 +152,9 @@ impl Reply {
         response
             .headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some(location) = self.location.and_then(|l| HeaderValue::try_from(l).ok()) {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
         response
     }
 }
