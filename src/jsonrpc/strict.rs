@@ -204,7 +204,8 @@ impl<'de> Visitor<'de> for StrictVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         let mut keys = KeySet::default();
-        let mut object = Map::new();
+        // Room for the usual handful of keys at once, not grown (and rehashed) twice.
+        let mut object = Map::with_capacity(8);
         while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
             if self.0.fold_case {
                 if let Some(clash) = keys.insert(key.clone()) {
