@@ -90,57 +90,70 @@ impl<'a> Record<'a> {
 }
 
 impl Record<'_> {
-    /// Appends the record as one JSON object (no newline): the text `Serialize` writes.
+    /// Appends the record as one JSON object (no newline): the text `Serialize` writes, member
+    /// for member in its order.
     pub fn write_json(&self, out: &mut Vec<u8>) {
-        let str_or_null = |out: &mut Vec<u8>, v: Option<&str>| match v {
-            Some(v) => write_str(out, v),
-            None => out.extend_from_slice(b"null"),
-        };
         out.extend_from_slice(b"{\"ts\":\"");
         write_ts(out, self.ts);
-        out.extend_from_slice(b"\",\"runId\":");
-        write_str(out, self.run_id);
-        out.extend_from_slice(b",\"agentKey\":");
-        write_str(out, self.agent_key);
-        out.extend_from_slice(b",\"server\":");
-        write_str(out, self.server);
-        out.extend_from_slice(b",\"mode\":");
-        write_str(out, self.mode);
-        out.extend_from_slice(b",\"requestId\":");
+        out.push(b'"');
+        let mut m = Members(out);
+        m.text("runId", self.run_id);
+        m.text("agentKey", self.agent_key);
+        m.text("server", self.server);
+        m.text("mode", self.mode);
+        m.key("requestId");
         match self.request_id {
-            Some(id) => id.write_json(out),
-            None => out.extend_from_slice(b"null"),
+            Some(id) => id.write_json(m.0),
+            None => m.0.extend_from_slice(b"null"),
         }
-        out.extend_from_slice(b",\"tool\":");
-        write_str(out, self.tool);
-        out.extend_from_slice(b",\"riskLevel\":");
-        str_or_null(out, self.risk_level);
-        out.extend_from_slice(b",\"decision\":");
-        str_or_null(out, self.decision);
-        out.extend_from_slice(b",\"outcome\":");
-        write_str(out, self.outcome);
-        out.extend_from_slice(b",\"rule\":");
-        str_or_null(out, self.rule);
-        if let Some(guardrail) = self.guardrail {
-            out.extend_from_slice(b",\"guardrail\":");
-            write_str(out, guardrail);
-        }
-        out.extend_from_slice(b",\"reason\":");
-        str_or_null(out, self.reason);
-        if let Some(approval_id) = self.approval_id {
-            out.extend_from_slice(b",\"approvalId\":");
-            write_str(out, approval_id);
-        }
-        if let Some(status) = self.status {
-            out.extend_from_slice(b",\"status\":");
-            write_str(out, status);
-        }
-        out.extend_from_slice(b",\"latencyMs\":");
+        m.text("tool", self.tool);
+        m.text_or_null("riskLevel", self.risk_level);
+        m.text_or_null("decision", self.decision);
+        m.text("outcome", self.outcome);
+        m.text_or_null("rule", self.rule);
+        m.text_if_some("guardrail", self.guardrail);
+        m.text_or_null("reason", self.reason);
+        m.text_if_some("approvalId", self.approval_id);
+        m.text_if_some("status", self.status);
+        m.key("latencyMs");
         // A number into a Vec cannot fail (NaN and infinities are written as `null`).
-        let _ = serde_json::to_writer(&mut *out, &self.latency_ms);
-        out.extend_from_slice(b",\"argumentsSha256\":");
-        str_or_null(out, self.arguments_sha256);
-        out.push(b'}');
+        let _ = serde_json::to_writer(&mut *m.0, &self.latency_ms);
+        m.text_or_null("argumentsSha256", self.arguments_sha256);
+        m.0.push(b'}');
+    }
+}
+
+/// Writes the members after the first of an object being written by hand.
+struct Members<'o>(&'o mut Vec<u8>);
+
+impl Members<'_> {
+    /// `,"key":` (keys here are plain ASCII, never escaped).
+    fn key(&mut self, key: &str) {
+        self.0.extend_from_slice(b",\"");
+        self.0.extend_from_slice(key.as_bytes());
+        self.0.extend_from_slice(b"\":");
+    }
+
+    fn text(&mut self, key: &str, value: &str) {
+        self.key(key);
+        write_str(self.0, value);
+    }
+
+    fn text_or_null(&mut self, key: &str, value: Option<&str>) {
+        match value {
+            Some(value) => self.text(key, value),
+            None => {
+                self.key(key);
+                self.0.extend_from_slice(b"null");
+            }
+        }
+    }
+
+    /// Leaves the member out when there is no value (`skip_serializing_if`).
+    fn text_if_some(&mut self, key: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.text(key, value);
+        }
     }
 }
 

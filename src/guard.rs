@@ -556,22 +556,19 @@ mod tests {
                 "B":{"nested":[{"y":1,"x":[]},{}]},"tab\tkey":"\u007f","b":"plain"}"#,
         )
         .unwrap();
-        let reference = serde_json::to_string(&sorted(&args)).unwrap();
-        let want: String = Sha256::digest(reference.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(arguments_digest(&args), want);
+        let reference = |v: &Value| -> String {
+            let text = serde_json::to_string(&sorted(v)).unwrap();
+            Sha256::digest(text.as_bytes())
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        };
+        assert_eq!(arguments_digest(&args), reference(&args));
         // Objects beyond the 16 entries sorted on the stack.
         let wide: Value = (0..40)
             .rev()
             .map(|i| (format!("k{i}"), Value::from(i)))
             .collect();
-        let reference = serde_json::to_string(&sorted(&wide)).unwrap();
-        let want: String = Sha256::digest(reference.as_bytes())
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(arguments_digest(&wide), want);
+        assert_eq!(arguments_digest(&wide), reference(&wide));
     }
 }
