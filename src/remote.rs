@@ -11,10 +11,11 @@ pub mod breaker;
 pub mod events;
 pub mod verdict;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::Url;
 use reqwest::header::HeaderValue;
+use reqwest::{Method, Url};
 use serde_json::{Value, json};
 
 use crate::approval::Status;
@@ -93,7 +94,7 @@ impl Failure {
 /// Where requests go and how: shared by the calls and the event sender.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
-    http: reqwest::Client,
+    http: Http,
     base: Url,
     /// `Authorization: Bearer <key>`, made once and marked sensitive (kept out of debug output).
     auth: HeaderValue,
@@ -124,19 +125,24 @@ impl Endpoint {
         // An evaluate body is most of a kilobyte: one allocation, not a doubling series.
         let mut bytes = Vec::with_capacity(1024);
         serde_json::to_writer(&mut bytes, body).map_err(|e| Failure::BadBody(e.to_string()))?;
-        let request = self
-            .http
-            .post(url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(bytes);
-        self.send(request, timeout).await
+        self.send(Method::POST, url.clone(), Some(bytes), timeout)
+            .await
     }
 
+    /// Sends one request (a JSON `body`, if any) and reads the JSON answer.
     async fn send(
         &self,
-        request: reqwest::RequestBuilder,
+        method: Method,
+        url: Url,
+        body: Option<Vec<u8>>,
         timeout: Duration,
     ) -> Result<Value, Failure> {
+        let mut request = self.http.client().await?.request(method, url);
+        if let Some(body) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body);
+        }
         let transport = |e: reqwest::Error| {
             if e.is_timeout() {
                 Failure::Timeout(timeout.as_millis())
@@ -165,6 +171,39 @@ impl Endpoint {
         let value: Value =
             serde_json::from_slice(&body).map_err(|e| Failure::BadBody(e.to_string()))?;
         Ok(value)
+    }
+}
+
+/// The HTTP client, built on first use, on the blocking pool: building it loads the system's
+/// root certificates, milliseconds that would otherwise come before the proxy's first answer.
+#[derive(Clone)]
+struct Http {
+    client: Arc<tokio::sync::OnceCell<reqwest::Client>>,
+    connect_timeout: Duration,
+}
+
+impl Http {
+    async fn client(&self) -> Result<&reqwest::Client, Failure> {
+        let connect_timeout = self.connect_timeout;
+        let build = move || {
+            reqwest::Client::builder()
+                .user_agent(concat!("apie-mcp/", env!("CARGO_PKG_VERSION")))
+                .connect_timeout(connect_timeout)
+                .pool_idle_timeout(Duration::from_secs(90))
+                // A redirect is a failure (see `Failure::is_config_error`): the key is never
+                // sent on to another address.
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .map_err(|e| error_chain(&e))
+        };
+        self.client
+            .get_or_try_init(|| async {
+                tokio::task::spawn_blocking(build)
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+            })
+            .await
+            .map_err(|e| Failure::Connect(format!("cannot build the HTTP client: {e}")))
     }
 }
 
@@ -206,8 +245,6 @@ pub struct Service {
 pub enum SetupError {
     #[error("guard.baseUrl {0:?} is not a URL")]
     BadUrl(String),
-    #[error("cannot build the HTTP client: {0}")]
-    Client(String),
     #[error("the API key holds characters an HTTP header cannot carry")]
     BadKey,
 }
@@ -224,13 +261,10 @@ impl Service {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let base = Url::parse(&config.base_url)
             .map_err(|_| SetupError::BadUrl(config.base_url.clone()))?;
-        let http = reqwest::Client::builder()
-            .user_agent(concat!("apie-mcp/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(config.timeout)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| SetupError::Client(error_chain(&e)))?;
+        let http = Http {
+            client: Default::default(),
+            connect_timeout: config.timeout,
+        };
         let mut auth =
             HeaderValue::try_from(format!("Bearer {}", key.0)).map_err(|_| SetupError::BadKey)?;
         auth.set_sensitive(true);
@@ -240,6 +274,7 @@ impl Service {
             auth,
             timeout: config.timeout,
         };
+        // Identify goes first, in the background; it builds the client on the blocking pool.
         tokio::spawn(identify(endpoint.clone(), identity.clone()));
         Ok(Service {
             evaluate_url: endpoint.url(&["v1", "guardrails", "evaluate"]),
@@ -302,10 +337,9 @@ impl Service {
                 let mut url = self.endpoint.url(&["v1", "approvals", id, "wait"]);
                 url.query_pairs_mut()
                     .append_pair("timeout", &chunk.as_millis().to_string());
-                let request = self.endpoint.http.get(url);
                 match self
                     .endpoint
-                    .send(request, chunk + self.endpoint.timeout)
+                    .send(Method::GET, url, None, chunk + self.endpoint.timeout)
                     .await
                 {
                     Ok(body) => {
@@ -330,11 +364,12 @@ impl Service {
                     }
                 }
             } else {
-                let request = self
+                let url = self.endpoint.url(&["v1", "approvals", id]);
+                match self
                     .endpoint
-                    .http
-                    .get(self.endpoint.url(&["v1", "approvals", id]));
-                match self.endpoint.send(request, self.endpoint.timeout).await {
+                    .send(Method::GET, url, None, self.endpoint.timeout)
+                    .await
+                {
                     Ok(body) => {
                         if let Some(status) = approval_status(&body) {
                             return status;
@@ -349,12 +384,13 @@ impl Service {
 
     /// `POST /v1/approvals/{id}/cancel`, best effort.
     pub async fn cancel_approval(&self, id: &str) {
-        let request = self
+        let url = self.endpoint.url(&["v1", "approvals", id, "cancel"]);
+        let body = Some(b"{}".to_vec());
+        if let Err(e) = self
             .endpoint
-            .http
-            .post(self.endpoint.url(&["v1", "approvals", id, "cancel"]))
-            .json(&json!({}));
-        if let Err(e) = self.endpoint.send(request, self.endpoint.timeout).await {
+            .send(Method::POST, url, body, self.endpoint.timeout)
+            .await
+        {
             tracing::warn!("cancelling approval {id} failed: {e}");
         }
     }
