@@ -868,7 +868,8 @@ fn main() {
     }
 
     if s.runs("startup") {
-        let ways = [Way::Direct, Way::Relay, Way::Proxy];
+        // With a guard service too: its HTTP client loads the system's root certificates.
+        let ways = [Way::Direct, Way::Relay, Way::Proxy, Way::ProxyGuard];
         for way in ways {
             startup(&b, way); // page cache, dynamic loader caches
         }
