@@ -50,10 +50,10 @@ impl Id {
 
     /// The id as JSON text.
     pub fn to_json(&self) -> String {
-        match self {
-            Id::Number(n) => n.to_string(),
-            Id::String(s) => serde_json::to_string(&**s).unwrap_or_else(|_| "\"\"".into()),
-        }
+        let mut text = Vec::new();
+        self.write_json(&mut text);
+        // JSON written from a `str` is UTF-8.
+        String::from_utf8(text).unwrap_or_default()
     }
 
     /// The id as plain text: a string's own characters, a number's digits.
