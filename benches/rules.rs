@@ -28,6 +28,7 @@ use apie_mcp::config::{self, file::RawFile};
 use apie_mcp::guard::Guard;
 use apie_mcp::guard::metadata::ToolCatalog;
 use apie_mcp::guard::rules::{CallFacts, RawRule, RuleSet, Runtime};
+use apie_mcp::json::Json;
 use clap::Parser as _;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use serde_json::{Value, json};
@@ -129,6 +130,7 @@ fn rule_set(c: &mut Criterion) {
     let catalog = ToolCatalog::new("bench", None, vec![]).expect("catalog");
     let tool = catalog.describe("echo");
     let args = arguments();
+    let args = Json::from(&args);
     let rt = runtime();
     let mut group = c.benchmark_group("rules/evaluate");
     for regex in [false, true] {
@@ -152,6 +154,7 @@ fn rule_set(c: &mut Criterion) {
 
 fn guard_evaluate(c: &mut Criterion) {
     let args = arguments();
+    let args = Json::from(&args);
     let mut group = c.benchmark_group("rules/guard");
     for regex in [false, true] {
         for n in SIZES {
@@ -174,6 +177,7 @@ fn per_call(c: &mut Criterion) {
         b.iter(|| apie_mcp::jsonrpc::strict::parse(std::hint::black_box(&params)))
     });
     group.bench_function("arguments_digest", |b| {
+        let args = Json::from(&args);
         b.iter(|| apie_mcp::guard::arguments_digest(std::hint::black_box(&args)))
     });
     let line = format!(r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{params}}}"#);

@@ -85,9 +85,8 @@ use foldhash::{HashMap, HashMapExt};
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex, RwLock};
 
-use serde_json::Value;
-
 use crate::config::{Config, RiskDefaults};
+use crate::json::Json;
 use crate::remote::verdict::Verdict;
 use metadata::{ListedTool, ToolCatalog, ToolMeta};
 use rules::{CallFacts, RuleSet, Runtime};
@@ -300,7 +299,7 @@ impl Guard {
     }
 
     /// Local rules first; `riskDefaults` when none matches.
-    pub fn evaluate(&self, tool: &str, args: &Value) -> Evaluation {
+    pub fn evaluate(&self, tool: &str, args: &Json<'_>) -> Evaluation {
         let Known { meta, selection } = self.known(tool);
         let facts = CallFacts {
             tool: &meta,
@@ -367,7 +366,7 @@ impl Guard {
 ///
 /// The canonical text is written into a buffer kept per thread and hashed at once: feeding the
 /// hasher piece by piece cost more than the hashing.
-pub fn arguments_digest(args: &Value) -> String {
+pub fn arguments_digest(args: &Json<'_>) -> String {
     use sha2::{Digest, Sha256};
     thread_local! {
         static TEXT: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -393,12 +392,13 @@ pub fn arguments_digest(args: &Value) -> String {
 
 /// Appends `value` as canonical JSON: object keys sorted (by their bytes), no whitespace,
 /// strings and numbers as `serde_json` writes them.
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+fn write_canonical(value: &Json<'_>, out: &mut Vec<u8>) {
     use crate::jsonrpc::write_str;
     match value {
-        Value::Object(map) => {
-            let mut entries: smallvec::SmallVec<[(&String, &Value); 16]> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        Json::Object(members) => {
+            let mut entries: smallvec::SmallVec<[&(Cow<'_, str>, Json<'_>); 16]> =
+                members.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
             out.push(b'{');
             for (i, (k, v)) in entries.into_iter().enumerate() {
                 if i > 0 {
@@ -410,7 +410,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b'}');
         }
-        Value::Array(items) => {
+        Json::Array(items) => {
             out.push(b'[');
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
@@ -420,10 +420,10 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             }
             out.push(b']');
         }
-        Value::String(s) => write_str(out, s),
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Number(n) => {
+        Json::String(s) => write_str(out, s),
+        Json::Null => out.extend_from_slice(b"null"),
+        Json::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Json::Number(n) => {
             // Writing into a Vec cannot fail.
             let _ = serde_json::to_writer(&mut *out, n);
         }
@@ -433,6 +433,7 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     #[test]
     fn the_mode_table_is_spec_section_1() {
@@ -493,15 +494,15 @@ mod tests {
         let verdict = |d: &str| {
             crate::remote::verdict::Verdict::parse(&serde_json::json!({"decision": d})).unwrap()
         };
-        let mut e = g.evaluate("refund", &serde_json::json!({}));
+        let mut e = g.evaluate("refund", &Json::Object(Vec::new()));
         assert!(e.needs_service());
         e.take_verdict(verdict("allow"));
         assert_eq!(e.action(Mode::Enforce), Action::AskApproval);
-        let mut e = g.evaluate("refund", &serde_json::json!({}));
+        let mut e = g.evaluate("refund", &Json::Object(Vec::new()));
         e.take_verdict(verdict("block"));
         assert_eq!(e.action(Mode::Enforce), Action::Block);
         // No rule matched: the service decides alone.
-        let mut e = g.evaluate("echo", &serde_json::json!({}));
+        let mut e = g.evaluate("echo", &Json::Object(Vec::new()));
         assert!(e.needs_service());
         e.take_verdict(verdict("warn"));
         assert_eq!(e.decision, Decision::Warn);
@@ -518,15 +519,13 @@ mod tests {
 
     #[test]
     fn the_digest_ignores_key_order_and_whitespace() {
-        let a: Value = serde_json::from_str(r#"{"b":1,"a":{"y":[1,2],"x":"s"}}"#).unwrap();
-        let b: Value = serde_json::from_str(r#"{ "a": {"x":"s","y":[1, 2]}, "b": 1 }"#).unwrap();
+        let parse = |text| crate::jsonrpc::strict::parse(text).unwrap();
+        let a = parse(r#"{"b":1,"a":{"y":[1,2],"x":"s"}}"#);
+        let b = parse(r#"{ "a": {"x":"s","y":[1, 2]}, "b": 1 }"#);
         assert_eq!(arguments_digest(&a), arguments_digest(&b));
-        assert_ne!(
-            arguments_digest(&a),
-            arguments_digest(&serde_json::json!({"b": 2}))
-        );
+        assert_ne!(arguments_digest(&a), arguments_digest(&parse(r#"{"b":2}"#)));
         assert_eq!(
-            arguments_digest(&serde_json::json!({})),
+            arguments_digest(&Json::Object(Vec::new())),
             "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
         );
     }
@@ -550,12 +549,10 @@ mod tests {
                 other => other.clone(),
             }
         }
-        let args: Value = serde_json::from_str(
-            r#"{"z":[1,-2,3.5,1e300,18446744073709551615,-9223372036854775808,0.1,true,null],
+        let text = r#"{"z":[1,-2,3.5,1e300,18446744073709551615,-9223372036854775808,0.1,true,null],
                 "a":{"q\"uote":"back\\slash","ctl":"\u0001\n\t","":"","é":"ünï ✓ 😀"},
-                "B":{"nested":[{"y":1,"x":[]},{}]},"tab\tkey":"\u007f","b":"plain"}"#,
-        )
-        .unwrap();
+                "B":{"nested":[{"y":1,"x":[]},{}]},"tab\tkey":"\u007f","c":"plain"}"#;
+        let args: Value = serde_json::from_str(text).unwrap();
         let reference = |v: &Value| -> String {
             let text = serde_json::to_string(&sorted(v)).unwrap();
             Sha256::digest(text.as_bytes())
@@ -563,12 +560,15 @@ mod tests {
                 .map(|b| format!("{b:02x}"))
                 .collect()
         };
-        assert_eq!(arguments_digest(&args), reference(&args));
+        // As the proxy reads a call (strings borrowed unless escaped), and from a `Value`.
+        let parsed = crate::jsonrpc::strict::parse(text).unwrap();
+        assert_eq!(arguments_digest(&parsed), reference(&args));
+        assert_eq!(arguments_digest(&Json::from(&args)), reference(&args));
         // Objects beyond the 16 entries sorted on the stack.
         let wide: Value = (0..40)
             .rev()
             .map(|i| (format!("k{i}"), Value::from(i)))
             .collect();
-        assert_eq!(arguments_digest(&wide), reference(&wide));
+        assert_eq!(arguments_digest(&Json::from(&wide)), reference(&wide));
     }
 }

@@ -141,7 +141,7 @@ pub enum Params<'a> {
     Raw(&'a RawValue),
     /// A `tools/call`'s params, parsed strictly ([`strict::parse`]) as the line was read, when
     /// `method` came before them (the usual order): the guard reads them without a second pass.
-    Call(serde_json::Value),
+    Call(crate::json::Json<'a>),
 }
 
 impl<'a> Params<'a> {
@@ -312,7 +312,7 @@ impl<'a> Fields<'a> {
         }
         let structured = match &self.params {
             None
-            | Some(Params::Call(serde_json::Value::Object(_) | serde_json::Value::Array(_))) => {
+            | Some(Params::Call(crate::json::Json::Object(_) | crate::json::Json::Array(_))) => {
                 true
             }
             Some(Params::Call(_)) => false,
@@ -660,7 +660,9 @@ mod tests {
     #[test]
     fn tools_call_params_are_parsed_on_the_way_only_when_method_comes_first() {
         let m = message(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"b":[1]},"id":1}"#);
-        assert!(matches!(&m.params, Some(Params::Call(v)) if v == &serde_json::json!({"b": [1]})));
+        assert!(
+            matches!(&m.params, Some(Params::Call(v)) if v.eq_value(&serde_json::json!({"b": [1]})))
+        );
         // Params before the method, or another method's: raw, as they came.
         let m = message(r#"{"jsonrpc":"2.0","id":1,"params":{"b" : 1},"method":"tools/call"}"#);
         assert_eq!(m.raw_params().unwrap().get(), r#"{"b" : 1}"#);
@@ -693,7 +695,9 @@ mod tests {
         assert!(
             matches!(&m.kind, Kind::Request { id: Id::Number(n), method } if &**n == "7" && method == "tools/call")
         );
-        assert!(matches!(&m.params, Some(Params::Call(v)) if v == &serde_json::json!({"a": 1})));
+        assert!(
+            matches!(&m.params, Some(Params::Call(v)) if v.eq_value(&serde_json::json!({"a": 1})))
+        );
 
         let m = message(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
         assert!(matches!(m.kind, Kind::Notification { .. }));

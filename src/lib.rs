@@ -7,6 +7,8 @@
 //! - [`cli`]: the command line as written (clap).
 //! - [`config`]: `apie.mcp.json` and the flags, merged and validated before anything runs.
 //! - [`jsonrpc`]: the JSON-RPC envelope: one-pass classification, ids, error answers.
+//! - [`json`]: a JSON value that borrows its strings from the line: what the guard reads of a
+//!   `tools/call`.
 //! - [`framing`]: newline framing with a length cap; the one writer per output.
 //! - [`stdio`]: the descriptors the relay's threads read and write (our stdin and stdout, the
 //!   server's pipes).
@@ -29,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod framing;
 pub mod guard;
+pub mod json;
 pub mod jsonrpc;
 pub mod redact;
 pub mod relay;

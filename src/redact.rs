@@ -7,6 +7,8 @@
 
 use serde_json::Value;
 
+use crate::json::Json;
+
 /// What a redacted value is replaced by.
 pub const REDACTED: &str = "[REDACTED]";
 
@@ -34,7 +36,7 @@ impl Redactor {
 
     /// `value` as it may leave the proxy: serialises with every secret key's value replaced,
     /// without copying anything.
-    pub fn view<'a>(&'a self, value: &'a Value) -> Redacted<'a> {
+    pub fn view<'a>(&'a self, value: &'a Json<'a>) -> Redacted<'a> {
         Redacted {
             value,
             redactor: self,
@@ -42,29 +44,30 @@ impl Redactor {
     }
 
     /// A copy of `value` with every secret key's value replaced.
-    pub fn redact(&self, value: &Value) -> Value {
+    pub fn redact(&self, value: &Json<'_>) -> Value {
         match value {
-            Value::Object(map) => Value::Object(
-                map.iter()
+            Json::Object(members) => Value::Object(
+                members
+                    .iter()
                     .map(|(k, v)| {
                         let v = if self.is_secret(k) {
                             Value::String(REDACTED.into())
                         } else {
                             self.redact(v)
                         };
-                        (k.clone(), v)
+                        (k.to_string(), v)
                     })
                     .collect(),
             ),
-            Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
-            other => other.clone(),
+            Json::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
+            other => other.to_value(),
         }
     }
 }
 
 /// A value that serialises redacted ([`Redactor::view`]).
 pub struct Redacted<'a> {
-    value: &'a Value,
+    value: &'a Json<'a>,
     redactor: &'a Redactor,
 }
 
@@ -72,9 +75,9 @@ impl serde::Serialize for Redacted<'_> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::{SerializeMap, SerializeSeq};
         match self.value {
-            Value::Object(map) => {
-                let mut out = serializer.serialize_map(Some(map.len()))?;
-                for (k, v) in map {
+            Json::Object(members) => {
+                let mut out = serializer.serialize_map(Some(members.len()))?;
+                for (k, v) in members {
                     if self.redactor.is_secret(k) {
                         out.serialize_entry(k, REDACTED)?;
                     } else {
@@ -83,7 +86,7 @@ impl serde::Serialize for Redacted<'_> {
                 }
                 out.end()
             }
-            Value::Array(items) => {
+            Json::Array(items) => {
                 let mut out = serializer.serialize_seq(Some(items.len()))?;
                 for v in items {
                     out.serialize_element(&self.redactor.view(v))?;
@@ -114,7 +117,7 @@ mod tests {
             "APIKEY": {"nested": "whole value goes"},
         });
         assert_eq!(
-            defaults().redact(&args),
+            defaults().redact(&Json::from(&args)),
             json!({
                 "user": "ada",
                 "Password": REDACTED,
@@ -129,6 +132,7 @@ mod tests {
     fn the_view_serialises_exactly_like_the_copy() {
         let args = json!({"a": [{"token": 1, "b": {"Secret": [1, 2]}}], "c": null, "pw": "x"});
         let r = defaults();
+        let args = Json::from(&args);
         assert_eq!(
             serde_json::to_string(&r.view(&args)).unwrap(),
             r.redact(&args).to_string()
@@ -140,9 +144,9 @@ mod tests {
         let args = json!({"password": "p", "ssn": "123", "SSN_last4": "3"});
         let custom = Redactor::new(&["ssn".to_string()]);
         assert_eq!(
-            custom.redact(&args),
+            custom.redact(&Json::from(&args)),
             json!({"password": "p", "ssn": REDACTED, "SSN_last4": REDACTED})
         );
-        assert_eq!(Redactor::new(&[]).redact(&args), args);
+        assert_eq!(Redactor::new(&[]).redact(&Json::from(&args)), args);
     }
 }

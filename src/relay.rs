@@ -43,6 +43,7 @@ use crate::config::{ApprovalChannel, BlockResponse, Config, ErrorCodes, FailureM
 use crate::framing::{self, Frame, LineReader, Outlet};
 use crate::guard::metadata::ListedTool;
 use crate::guard::{self, Action, Guard, Mode};
+use crate::json::Json;
 use crate::jsonrpc::{self, Id, Kind, Message, Params, Parsed, Rejection, Reply, code};
 use crate::redact::Redactor;
 use crate::remote;

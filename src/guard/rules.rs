@@ -12,6 +12,7 @@
 //! mismatch is "no match", except that the negative operators `not_equals`, `not_contains`,
 //! `not_in` and `not_exists` match a missing field.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
 
@@ -19,7 +20,9 @@ use std::sync::Arc;
 
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
-use serde_json::{Map, Number, Value};
+use serde_json::{Number, Value};
+
+use crate::json::Json;
 
 use self::sets::{Found, RegexGroup};
 use super::Decision;
@@ -188,7 +191,7 @@ pub struct Runtime {
 #[derive(Debug, Clone, Copy)]
 pub struct CallFacts<'a> {
     pub tool: &'a ToolMeta,
-    pub args: &'a Value,
+    pub args: &'a Json<'a>,
     pub runtime: &'a Runtime,
 }
 
@@ -283,14 +286,14 @@ enum Field {
 #[derive(Clone, Copy)]
 enum Val<'a> {
     Str(&'a str),
-    Json(&'a Value),
+    Json(&'a Json<'a>),
 }
 
 impl<'a> Val<'a> {
     fn as_str(self) -> Option<&'a str> {
         match self {
             Val::Str(s) => Some(s),
-            Val::Json(Value::String(s)) => Some(s),
+            Val::Json(Json::String(s)) => Some(s),
             Val::Json(_) => None,
         }
     }
@@ -344,10 +347,19 @@ impl Num {
         }
     }
 
+    /// As [`Num::of_json`], for a value in the arguments.
+    fn of_arg(v: &Json<'_>) -> Option<Num> {
+        match v {
+            Json::Number(n) => Num::from_number(n),
+            Json::String(s) => Num::parse(s),
+            _ => None,
+        }
+    }
+
     fn of_val(v: Val<'_>) -> Option<Num> {
         match v {
             Val::Str(s) => Num::parse(s),
-            Val::Json(j) => Num::of_json(j),
+            Val::Json(j) => Num::of_arg(j),
         }
     }
 
@@ -444,7 +456,7 @@ struct Condition {
 /// Equality of `equals`, `in` and array `contains`: numeric when both sides read as numbers and
 /// at least one is a JSON number; strict JSON equality otherwise.
 fn equals(v: Val<'_>, o: &Operand) -> bool {
-    let field_is_number = matches!(v, Val::Json(Value::Number(_)));
+    let field_is_number = matches!(v, Val::Json(Json::Number(_)));
     if (field_is_number || o.json.is_number())
         && let (Some(a), Some(b)) = (Num::of_val(v), o.num)
     {
@@ -452,14 +464,14 @@ fn equals(v: Val<'_>, o: &Operand) -> bool {
     }
     match v {
         Val::Str(s) => o.json.as_str() == Some(s),
-        Val::Json(j) => *j == o.json,
+        Val::Json(j) => j.eq_value(&o.json),
     }
 }
 
 /// `Some(found)` for a string or array field, `None` for a type mismatch.
 fn contains(v: Val<'_>, o: &Operand) -> Option<bool> {
     match v {
-        Val::Json(Value::Array(items)) => Some(items.iter().any(|e| equals(Val::Json(e), o))),
+        Val::Json(Json::Array(items)) => Some(items.iter().any(|e| equals(Val::Json(e), o))),
         _ => {
             let s = v.as_str()?;
             let needle = o.json.as_str()?;
@@ -488,7 +500,7 @@ impl fmt::Write for StackText {
 /// other values.
 fn with_text<R>(v: Val<'_>, f: impl FnOnce(&str) -> R) -> Option<R> {
     match v {
-        Val::Json(Value::Number(n)) => {
+        Val::Json(Json::Number(n)) => {
             let mut text = StackText {
                 buf: [0; 64],
                 len: 0,
@@ -516,7 +528,7 @@ const CACHED_PATHS: usize = 16;
 enum Slot<'a> {
     Unknown,
     Missing,
-    Found(&'a Value),
+    Found(&'a Json<'a>),
 }
 
 /// Most regex groups in a rule set (bits of a `u64` in [`Selection`]); the patterns of fields
@@ -527,7 +539,7 @@ const _: () = assert!(MAX_GROUPS <= 64);
 /// Per-call state of one evaluation: the `args` paths resolved so far, and the answers of the
 /// regex groups searched so far. Lives on the stack.
 struct Scratch<'a, 'p> {
-    args: &'a Value,
+    args: &'a Json<'a>,
     paths: &'p [Box<[Segment]>],
     slots: [Slot<'a>; CACHED_PATHS],
     groups: &'p [RegexGroup],
@@ -539,7 +551,7 @@ struct Scratch<'a, 'p> {
 }
 
 impl<'a, 'p> Scratch<'a, 'p> {
-    fn new(args: &'a Value, set: &'p RuleSet, searching: u64) -> Self {
+    fn new(args: &'a Json<'a>, set: &'p RuleSet, searching: u64) -> Self {
         Scratch {
             args,
             paths: &set.paths,
@@ -587,7 +599,7 @@ impl<'a, 'p> Scratch<'a, 'p> {
         regex_matches(&p.re, v)
     }
 
-    fn arg(&mut self, id: usize) -> Option<&'a Value> {
+    fn arg(&mut self, id: usize) -> Option<&'a Json<'a>> {
         let walk_path = |args, paths: &[Box<[Segment]>]| walk(args, paths.get(id)?);
         let Some(slot) = self.slots.get_mut(id) else {
             return walk_path(self.args, self.paths);
@@ -605,19 +617,17 @@ impl<'a, 'p> Scratch<'a, 'p> {
 }
 
 /// Object key lookup: the exact key, else a key equal ignoring ASCII case.
-fn lookup<'a>(map: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
-    map.get(key).or_else(|| {
-        map.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
-    })
+fn lookup<'a>(members: &'a [(Cow<'a, str>, Json<'a>)], key: &str) -> Option<&'a Json<'a>> {
+    let found =
+        |same: fn(&str, &str) -> bool| members.iter().find(|(k, _)| same(k, key)).map(|(_, v)| v);
+    found(|a, b| a == b).or_else(|| found(str::eq_ignore_ascii_case))
 }
 
-fn walk<'a>(mut v: &'a Value, path: &[Segment]) -> Option<&'a Value> {
+fn walk<'a>(mut v: &'a Json<'a>, path: &[Segment]) -> Option<&'a Json<'a>> {
     for seg in path {
         v = match v {
-            Value::Object(map) => lookup(map, &seg.key)?,
-            Value::Array(items) => items.get(seg.index?)?,
+            Json::Object(members) => lookup(members, &seg.key)?,
+            Json::Array(items) => items.get(seg.index?)?,
             _ => return None,
         };
     }
@@ -940,7 +950,7 @@ impl RuleSet {
         runtime: &Runtime,
         fallback: Option<Decision>,
     ) -> bool {
-        static NO_ARGS: Value = Value::Null;
+        static NO_ARGS: Json<'static> = Json::Null;
         let call = CallFacts {
             tool,
             args: &NO_ARGS,

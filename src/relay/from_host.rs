@@ -263,7 +263,7 @@ impl HostSide<'_> {
     }
 
     /// Hands a call that must wait to a task of its own, so everything else keeps flowing.
-    pub(super) fn hold(&self, held: HeldCall, ask_service: bool) {
+    pub(super) fn hold(&self, held: HeldCall<'_>, ask_service: bool) {
         let shared = self.shared;
         if shared.held().len() >= shared.max_pending_calls {
             tracing::warn!(
@@ -285,6 +285,10 @@ impl HostSide<'_> {
             );
             return shared.reply(held.batch, msg);
         }
+        let held = HeldCall {
+            call: held.call.into_owned(),
+            ..held
+        };
         let cancel = CancellationToken::new();
         shared.held().insert(held.id.clone(), cancel.clone());
         let task = shared
@@ -343,10 +347,12 @@ fn offers_form(elicitation: Option<&Value>) -> bool {
     }
 }
 
-/// The parts of a `tools/call` the guard reads, parsed strictly (see [`jsonrpc::strict`]).
-pub(super) struct ToolCall {
+/// The parts of a `tools/call` the guard reads, parsed strictly (see [`jsonrpc::strict`]); the
+/// arguments borrow from the line until the call has to wait ([`ToolCall::into_owned`]).
+pub(super) struct ToolCall<'a> {
     pub(super) name: String,
-    pub(super) arguments: Value,
+    /// Always an object.
+    pub(super) arguments: Json<'a>,
     /// The call came from a 2026-07-28 client (its `_meta` carries the protocol version).
     pub(super) modern: bool,
     /// A 2026-07-28 client that declared elicitation on this very request.
@@ -359,7 +365,7 @@ pub(super) struct ToolCall {
     pub(super) input_responses: Option<serde_json::Map<String, Value>>,
 }
 
-impl ToolCall {
+impl ToolCall<'_> {
     /// A 2026-07-28 retry that answers the proxy's own approval question.
     pub(super) fn resumes(&self) -> bool {
         self.request_state
@@ -370,10 +376,18 @@ impl ToolCall {
                 .as_ref()
                 .is_some_and(|r| r.contains_key(approval::prompt::INPUT_KEY))
     }
+
+    /// The same call, owning its arguments: for a call that waits in a task.
+    pub(super) fn into_owned(self) -> ToolCall<'static> {
+        ToolCall {
+            arguments: self.arguments.into_owned(),
+            ..self
+        }
+    }
 }
 
-impl ToolCall {
-    pub(super) fn read(params: Option<Params<'_>>) -> Result<ToolCall, Rejection> {
+impl<'a> ToolCall<'a> {
+    pub(super) fn read(params: Option<Params<'a>>) -> Result<ToolCall<'a>, Rejection> {
         let invalid_params = |message: String| Rejection {
             code: code::INVALID_PARAMS,
             message: message.into(),
@@ -384,7 +398,7 @@ impl ToolCall {
                 "Invalid params: tools/call needs params".into(),
             ));
         };
-        let mut value = match params {
+        let value = match params {
             Params::Call(value) => value,
             Params::Raw(raw) => jsonrpc::strict::parse(raw.get()).map_err(|e| {
                 Rejection::invalid(
@@ -393,66 +407,84 @@ impl ToolCall {
                 )
             })?,
         };
-        let Some(object) = value.as_object_mut() else {
+        let Json::Object(members) = value else {
             return Err(invalid_params(
                 "Invalid params: params must be an object".into(),
             ));
         };
-        for key in object.keys() {
-            for member in [
-                "name",
-                "arguments",
-                "_meta",
-                "requestState",
-                "inputResponses",
-            ] {
-                if key != member && jsonrpc::strict::eq_ignore_case(key, member) {
-                    return Err(Rejection::invalid(
-                        None,
-                        format!(
-                            "Invalid Request: params member {key:?} must be spelled {member:?}"
-                        ),
-                    ));
+        let mut name = None;
+        let mut arguments = None;
+        let mut meta = None;
+        let mut request_state = None;
+        let mut input_responses = None;
+        for (key, value) in members {
+            let slot = match &*key {
+                "name" => &mut name,
+                "arguments" => &mut arguments,
+                "_meta" => &mut meta,
+                "requestState" => &mut request_state,
+                "inputResponses" => &mut input_responses,
+                other => {
+                    for member in [
+                        "name",
+                        "arguments",
+                        "_meta",
+                        "requestState",
+                        "inputResponses",
+                    ] {
+                        if jsonrpc::strict::eq_ignore_case(other, member) {
+                            return Err(Rejection::invalid(
+                                None,
+                                format!(
+                                    "Invalid Request: params member {other:?} must be spelled {member:?}"
+                                ),
+                            ));
+                        }
+                    }
+                    continue;
                 }
-            }
+            };
+            *slot = Some(value);
         }
-        let name = match object.get("name") {
-            Some(Value::String(name)) => name.clone(),
+        let name = match name {
+            Some(Json::String(name)) => name.into_owned(),
             _ => {
                 return Err(invalid_params(
                     "Invalid params: name must be a string".into(),
                 ));
             }
         };
-        let arguments = match object.remove("arguments") {
-            None => Value::Object(Default::default()),
-            Some(args @ Value::Object(_)) => args,
+        let arguments = match arguments {
+            None => Json::Object(Vec::new()),
+            Some(args @ Json::Object(_)) => args,
             Some(_) => {
                 return Err(invalid_params(
                     "Invalid params: arguments must be an object".into(),
                 ));
             }
         };
-        let meta = object.get("_meta");
+        let meta = meta.as_ref();
         let modern = meta
             .and_then(|m| m.get("io.modelcontextprotocol/protocolVersion"))
             .is_some();
         let elicitation = offers_form(
             meta.and_then(|m| m.get("io.modelcontextprotocol/clientCapabilities"))
-                .and_then(|c| c.get("elicitation")),
+                .and_then(|c| c.get("elicitation"))
+                .map(Json::to_value)
+                .as_ref(),
         );
         let progress_token = meta
             .and_then(|m| m.get("progressToken"))
-            .filter(|t| t.is_string() || t.is_i64() || t.is_u64())
-            .cloned();
-        let request_state = match object.get("requestState") {
-            Some(Value::String(s)) => Some(s.clone()),
+            .filter(|t| {
+                matches!(t, Json::String(_))
+                    || matches!(t, Json::Number(n) if n.is_i64() || n.is_u64())
+            })
+            .map(Json::to_value);
+        let request_state = match request_state {
+            Some(Json::String(s)) => Some(s.into_owned()),
             _ => None,
         };
-        let input_responses = match object.remove("inputResponses") {
-            Some(Value::Object(map)) => Some(map),
-            _ => None,
-        };
+        let input_responses = input_responses.as_ref().and_then(Json::to_map);
         Ok(ToolCall {
             name,
             arguments,

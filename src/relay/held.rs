@@ -22,9 +22,9 @@ use crate::approval::state::{Grant, Refused};
 pub(super) const PROGRESS_EVERY: Duration = Duration::from_secs(5);
 
 /// A guarded call, with everything needed to forward or refuse it later.
-pub(super) struct HeldCall {
+pub(super) struct HeldCall<'a> {
     pub(super) id: Id,
-    pub(super) call: ToolCall,
+    pub(super) call: ToolCall<'a>,
     pub(super) eval: guard::Evaluation,
     pub(super) digest: String,
     /// The line as the host sent it: what is forwarded.
@@ -53,7 +53,7 @@ enum Ending {
 // === settled on the spot ===
 
 /// Forwards or refuses a call the mode table has decided (nothing to wait for).
-pub(super) fn conclude(shared: &Shared, held: HeldCall, action: Action) {
+pub(super) fn conclude(shared: &Shared, held: HeldCall<'_>, action: Action) {
     let rule = held.eval.rule().unwrap_or("-");
     let tool = &held.call.name;
     match action {
@@ -87,7 +87,7 @@ pub(super) fn conclude(shared: &Shared, held: HeldCall, action: Action) {
 /// Sends a call upstream. A 2026-07-28 call approved by a human keeps its approval for the
 /// upstream's own `input_required` rounds; a call the proxy sent progress for has the
 /// upstream's progress shifted past the proxy's.
-fn forward(shared: &Shared, held: HeldCall, approved: Option<f64>) {
+fn forward(shared: &Shared, held: HeldCall<'_>, approved: Option<f64>) {
     let mut track = CallTrack::default();
     if let Some(progressed) = approved {
         if held.call.modern {
@@ -116,7 +116,7 @@ fn forward(shared: &Shared, held: HeldCall, approved: Option<f64>) {
     shared.to_upstream.push(held.raw);
 }
 
-fn refused_event(shared: &Shared, held: &HeldCall, outcome: &str) {
+fn refused_event(shared: &Shared, held: &HeldCall<'_>, outcome: &str) {
     shared.event("agent.mcp.failed", || {
         json!({
             "payload_summary": {"server": shared.server, "tool": held.call.name, "outcome": outcome},
@@ -131,7 +131,7 @@ fn refused_event(shared: &Shared, held: &HeldCall, outcome: &str) {
 /// decision, asking a human when it says so; and writes what that produced.
 pub(super) async fn wait(
     shared: Arc<Shared>,
-    held: HeldCall,
+    held: HeldCall<'static>,
     ask_service: bool,
     cancel: CancellationToken,
 ) {
@@ -141,7 +141,7 @@ pub(super) async fn wait(
 
 async fn decide(
     shared: &Shared,
-    mut held: HeldCall,
+    mut held: HeldCall<'_>,
     ask_service: bool,
     cancel: &CancellationToken,
 ) {
@@ -243,7 +243,7 @@ struct Runtime<'a> {
     environment: Option<&'a str>,
 }
 
-fn evaluate_body<'a>(shared: &'a Shared, held: &'a HeldCall) -> EvaluateBody<'a> {
+fn evaluate_body<'a>(shared: &'a Shared, held: &'a HeldCall<'_>) -> EvaluateBody<'a> {
     let meta = &*held.eval.meta;
     EvaluateBody {
         agent_key: &shared.agent_key,
@@ -288,7 +288,7 @@ fn evaluate_body<'a>(shared: &'a Shared, held: &'a HeldCall) -> EvaluateBody<'a>
 }
 
 /// The service could not decide: `guardFailureMode` does (monitor mode always forwards).
-fn guard_failed(shared: &Shared, held: HeldCall, failure: &remote::Failure) {
+fn guard_failed(shared: &Shared, held: HeldCall<'_>, failure: &remote::Failure) {
     shared.held().remove(&held.id);
     let reason = failure.to_string();
     shared.audit_call_with(&held, failure.outcome(), None, None, Some(&reason));
@@ -324,7 +324,7 @@ fn guard_failed(shared: &Shared, held: HeldCall, failure: &remote::Failure) {
 }
 
 /// The host gave up on the call: no answer, nothing forwarded.
-fn cancelled(shared: &Shared, held: &HeldCall, approval_id: Option<&str>) {
+fn cancelled(shared: &Shared, held: &HeldCall<'_>, approval_id: Option<&str>) {
     shared.held().remove(&held.id);
     tracing::info!(tool = %held.call.name, "held call cancelled");
     shared.audit_call_with(held, "cancelled", approval_id, Some("cancelled"), None);
@@ -333,7 +333,7 @@ fn cancelled(shared: &Shared, held: &HeldCall, approval_id: Option<&str>) {
 
 // === asking a human ===
 
-async fn approve(shared: &Shared, held: HeldCall, cancel: &CancellationToken) {
+async fn approve(shared: &Shared, held: HeldCall<'_>, cancel: &CancellationToken) {
     let deadline = StdInstant::now() + shared.approval_timeout;
     let mut progressed = 0.0;
     let ending = {
@@ -378,7 +378,7 @@ async fn approve(shared: &Shared, held: HeldCall, cancel: &CancellationToken) {
 /// once as soon as the wait begins and every [`PROGRESS_EVERY`] after.
 async fn with_progress(
     shared: &Shared,
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     progressed: &mut f64,
     ask: impl Future<Output = Ending>,
 ) -> Ending {
@@ -412,7 +412,7 @@ async fn with_progress(
 /// Tries the channels in order; the first usable one decides.
 async fn ask(
     shared: &Shared,
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     deadline: StdInstant,
     cancel: &CancellationToken,
 ) -> Ending {
@@ -455,7 +455,7 @@ async fn ask(
     }
 }
 
-fn requested_event(shared: &Shared, held: &HeldCall, approval_id: &str, channel: &str) {
+fn requested_event(shared: &Shared, held: &HeldCall<'_>, approval_id: &str, channel: &str) {
     shared.event("agent.approval.requested", || {
         json!({
             "payload_summary": {"server": shared.server, "tool": held.call.name, "channel": channel},
@@ -467,7 +467,7 @@ fn requested_event(shared: &Shared, held: &HeldCall, approval_id: &str, channel:
     });
 }
 
-fn resolved_event(shared: &Shared, held: &HeldCall, approval_id: Option<&str>, status: Status) {
+fn resolved_event(shared: &Shared, held: &HeldCall<'_>, approval_id: Option<&str>, status: Status) {
     shared.event("agent.approval.resolved", || {
         json!({
             "payload_summary": {"server": shared.server, "tool": held.call.name},
@@ -479,7 +479,7 @@ fn resolved_event(shared: &Shared, held: &HeldCall, approval_id: Option<&str>, s
 
 /// How a channel's answer ends the wait; `reason` is the human's own, when they gave one.
 fn not_approved(
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     status: Status,
     approval_id: Option<String>,
     reason: Option<String>,
@@ -505,7 +505,7 @@ fn not_approved(
 async fn ask_service(
     shared: &Shared,
     service: &remote::Service,
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     id: String,
     deadline: StdInstant,
     cancel: &CancellationToken,
@@ -529,7 +529,7 @@ async fn ask_service(
 async fn ask_local(
     shared: &Shared,
     queue: &approval::Queue,
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     deadline: StdInstant,
     cancel: &CancellationToken,
 ) -> Ending {
@@ -576,7 +576,7 @@ async fn ask_local(
 /// The question, with secrets redacted.
 fn question<'a>(
     shared: &'a Shared,
-    held: &'a HeldCall,
+    held: &'a HeldCall<'_>,
     arguments: &'a Value,
     reason: &'a str,
 ) -> Question<'a> {
@@ -593,7 +593,7 @@ fn question<'a>(
 /// error answer (or one that is not an elicitation result) means "try the next channel".
 async fn ask_host(
     shared: &Shared,
-    held: &HeldCall,
+    held: &HeldCall<'_>,
     deadline: StdInstant,
     cancel: &CancellationToken,
 ) -> Option<Ending> {
@@ -648,7 +648,7 @@ async fn ask_host(
 
 /// `elicitation` in a 2026-07-28 session: the call is answered with `input_required`, the
 /// question under the proxy's key and a sealed `requestState`; the retry is [`resume`]d.
-fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
+fn ask_in_result(shared: &Shared, held: &HeldCall<'_>) -> Option<Ending> {
     let foreign_state = held
         .call
         .request_state
@@ -692,7 +692,7 @@ fn ask_in_result(shared: &Shared, held: &HeldCall) -> Option<Ending> {
 /// A retry that answers the proxy's `input_required`: the sealed state must open, name this
 /// very call, and carry (or have been given) the human's yes; then the call goes upstream
 /// without what the proxy added. A local rule that blocks still blocks.
-pub(super) fn resume(shared: &Shared, held: HeldCall) {
+pub(super) fn resume(shared: &Shared, held: HeldCall<'_>) {
     let opened = match &held.call.request_state {
         Some(state) if state.starts_with(approval::state::PREFIX) => {
             shared.sealer.open(state, approval::now_ms())

@@ -387,7 +387,7 @@ pub(super) fn take_if_complete(batches: &mut HashMap<u64, Batch>, b: u64) -> Opt
 
 impl Shared {
     /// Audits what became of a call.
-    pub(super) fn audit_call(&self, held: &HeldCall, outcome: &str) {
+    pub(super) fn audit_call(&self, held: &HeldCall<'_>, outcome: &str) {
         self.audit_call_with(held, outcome, None, None, None)
     }
 
@@ -395,7 +395,7 @@ impl Shared {
     /// evaluation's own reason is not the whole story, another reason.
     pub(super) fn audit_call_with(
         &self,
-        held: &HeldCall,
+        held: &HeldCall<'_>,
         outcome: &str,
         approval_id: Option<&str>,
         status: Option<&str>,
@@ -448,7 +448,7 @@ impl Shared {
     }
 
     /// The answer to a blocked call (SPEC §7).
-    pub(super) fn blocked(&self, held: &HeldCall) -> Bytes {
+    pub(super) fn blocked(&self, held: &HeldCall<'_>) -> Bytes {
         let eval = &held.eval;
         let service = eval.service.as_deref();
         let data = json!({
@@ -475,7 +475,7 @@ impl Shared {
     /// Refuses a call that needed an approval it did not get (-32002), and audits it.
     pub(super) fn deny(
         &self,
-        held: &HeldCall,
+        held: &HeldCall<'_>,
         status: Status,
         approval_id: Option<&str>,
         reason: &str,
@@ -513,7 +513,7 @@ impl Shared {
     pub(super) fn refusal(
         &self,
         id: &Id,
-        call: &ToolCall,
+        call: &ToolCall<'_>,
         code: i64,
         message: &str,
         data: Value,

@@ -38,9 +38,10 @@ fn runtime() -> Runtime {
 /// checks that a precomputed [`Selection`] decides the same.
 fn decide<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str> {
     let rt = runtime();
+    let args = Json::from(args);
     let call = CallFacts {
         tool,
-        args,
+        args: &args,
         runtime: &rt,
     };
     let direct = set.evaluate(&call).map(|r| &*r.name);
@@ -330,9 +331,10 @@ fn bad_regex_is_a_compile_error_with_its_path() {
 /// worth a search: what the grouped evaluation must agree with.
 fn decide_one_by_one<'s>(set: &'s RuleSet, tool: &ToolMeta, args: &Value) -> Option<&'s str> {
     let rt = runtime();
+    let args = Json::from(args);
     let call = CallFacts {
         tool,
-        args,
+        args: &args,
         runtime: &rt,
     };
     let alone = Selection {
@@ -620,6 +622,7 @@ fn fixed_fields() {
     );
     let rt = Runtime::default();
     let t = tool("x");
+    let a = Json::from(&a);
     let call = CallFacts {
         tool: &t,
         args: &a,
@@ -1036,9 +1039,10 @@ fn per_call(mut f: impl FnMut()) -> f64 {
 
 fn time_per_call(set: &RuleSet, t: &ToolMeta, args: &Value) -> f64 {
     let rt = runtime();
+    let args = Json::from(args);
     let call = CallFacts {
         tool: t,
-        args,
+        args: &args,
         runtime: &rt,
     };
     per_call(|| {
@@ -1149,9 +1153,10 @@ fn timing_grouped_regexes() {
             ..selection.clone()
         };
         for (i, (label, args)) in cases.iter().enumerate() {
+            let args = Json::from(args);
             let call = CallFacts {
                 tool: &t,
-                args,
+                args: &args,
                 runtime: &rt,
             };
             let start = std::time::Instant::now();
