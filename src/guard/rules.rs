@@ -339,16 +339,8 @@ impl Num {
             .map(Num::Float)
     }
 
-    fn of_json(v: &Value) -> Option<Num> {
-        match v {
-            Value::Number(n) => Num::from_number(n),
-            Value::String(s) => Num::parse(s),
-            _ => None,
-        }
-    }
-
-    /// As [`Num::of_json`], for a value in the arguments.
-    fn of_arg(v: &Json<'_>) -> Option<Num> {
+    /// A JSON number, or a string that reads as one.
+    fn of_json(v: &Json<'_>) -> Option<Num> {
         match v {
             Json::Number(n) => Num::from_number(n),
             Json::String(s) => Num::parse(s),
@@ -359,7 +351,7 @@ impl Num {
     fn of_val(v: Val<'_>) -> Option<Num> {
         match v {
             Val::Str(s) => Num::parse(s),
-            Val::Json(j) => Num::of_arg(j),
+            Val::Json(j) => Num::of_json(j),
         }
     }
 
@@ -380,7 +372,7 @@ struct Operand {
 
 impl Operand {
     fn new(json: Value) -> Operand {
-        let num = Num::of_json(&json);
+        let num = Num::of_json(&Json::from(&json));
         Operand { json, num }
     }
 }
@@ -1241,7 +1233,7 @@ fn compile_condition(
         Operator::NotContains => Test::NotContains(Operand::new(needs_value(raw.value)?)),
         Operator::Greater | Operator::GreaterOrEqual | Operator::Less | Operator::LessOrEqual => {
             let v = needs_value(raw.value)?;
-            let n = Num::of_json(&v).ok_or_else(|| {
+            let n = Num::of_json(&Json::from(&v)).ok_or_else(|| {
                 rule_error(
                     value_path(),
                     format!(
