@@ -181,7 +181,7 @@ pub fn sniff_id(head: &[u8]) -> Option<Id> {
         if key == b"\"id\"" {
             let raw = std::str::from_utf8(&head[value_start..p.i]).ok()?;
             let raw = serde_json::value::RawValue::from_string(raw.to_owned()).ok()?;
-            return Id::from_raw(&raw);
+            return Id::from_raw((&*raw).into());
         }
         p.ws();
         p.eat(b',')?;

@@ -7,6 +7,8 @@
 //! ([`crate::jsonrpc::strict`]) has already refused objects with two keys equal ignoring case,
 //! so a key names one member. A call that has to wait is made [`Json::into_owned`].
 
+pub mod read;
+
 use std::borrow::Cow;
 
 use serde_json::{Map, Number, Value};

@@ -23,6 +23,8 @@ use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visit
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
+use crate::json::read::Reader;
+
 // === ids ===
 
 /// A request id: a string or an integer (MCP forbids `null` and fractions).
@@ -37,11 +39,13 @@ pub enum Id {
 
 impl Id {
     /// Reads an id from its raw JSON, or `None` when it is not a string or an integer.
-    pub fn from_raw(raw: &RawValue) -> Option<Id> {
+    pub fn from_raw(raw: Raw<'_>) -> Option<Id> {
         let text = raw.get();
         match text.as_bytes().first()? {
-            b'"' => serde_json::from_str::<String>(text)
-                .ok()
+            b'"' => raw
+                .plain_str()
+                .map(Cow::Borrowed)
+                .or_else(|| serde_json::from_str::<String>(text).ok().map(Cow::Owned))
                 .map(|s| Id::String(s.into())),
             _ if is_integer_literal(text) => Some(Id::Number(text.into())),
             _ => None,
@@ -122,7 +126,7 @@ pub mod code {
 pub enum Parsed<'a> {
     Message(Message<'a>),
     /// A JSON array: each element is classified on its own by the caller.
-    Batch(Vec<&'a RawValue>),
+    Batch(Vec<Raw<'a>>),
     Rejected(Rejection),
 }
 
@@ -138,7 +142,7 @@ pub struct Message<'a> {
 #[derive(Debug)]
 pub enum Params<'a> {
     /// As raw JSON.
-    Raw(&'a RawValue),
+    Raw(Raw<'a>),
     /// A `tools/call`'s params, parsed strictly ([`strict::parse`]) as the line was read, when
     /// `method` came before them (the usual order): the guard reads them without a second pass.
     Call(crate::json::Json<'a>),
@@ -146,9 +150,9 @@ pub enum Params<'a> {
 
 impl<'a> Params<'a> {
     /// The raw JSON; `None` for params already parsed (only a `tools/call`'s are).
-    pub fn raw(&self) -> Option<&'a RawValue> {
+    pub fn raw(&self) -> Option<Raw<'a>> {
         match self {
-            Params::Raw(raw) => Some(raw),
+            Params::Raw(raw) => Some(*raw),
             Params::Call(_) => None,
         }
     }
@@ -164,13 +168,35 @@ pub enum Kind<'a> {
 /// The body of a response.
 #[derive(Debug)]
 pub enum Reply<'a> {
-    Result(&'a RawValue),
-    Error(&'a RawValue),
+    Result(Raw<'a>),
+    Error(Raw<'a>),
+}
+
+/// A JSON value's text as it stands in the line: checked to be JSON, not read further.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Raw<'a>(&'a str);
+
+impl<'a> Raw<'a> {
+    pub fn get(self) -> &'a str {
+        self.0
+    }
+
+    /// A string without escapes, as the slice between its quotes.
+    fn plain_str(self) -> Option<&'a str> {
+        let inner = self.0.strip_prefix('"')?.strip_suffix('"')?;
+        (!inner.contains('\\')).then_some(inner)
+    }
+}
+
+impl<'a> From<&'a RawValue> for Raw<'a> {
+    fn from(raw: &'a RawValue) -> Raw<'a> {
+        Raw(raw.get())
+    }
 }
 
 impl<'a> Message<'a> {
     /// `params` as raw JSON (see [`Params::raw`]).
-    pub fn raw_params(&self) -> Option<&'a RawValue> {
+    pub fn raw_params(&self) -> Option<Raw<'a>> {
         self.params.as_ref().and_then(Params::raw)
     }
 
@@ -229,6 +255,9 @@ pub fn classify(line: &[u8]) -> Parsed<'_> {
         Ok(text) => text,
         Err(e) => return Parsed::Rejected(Rejection::parse_error(e)),
     };
+    if let Some(msg) = classify_plain(text) {
+        return Parsed::Message(msg);
+    }
     let parsed = classify_text(text, true);
     // Anything wrong, read again without parsing `tools/call` params on the way, so every
     // refusal says what it always said (and carries the id, wherever it stands in the line).
@@ -248,7 +277,7 @@ fn classify_text(text: &str, read_call_params: bool) -> Parsed<'_> {
         Ok(TopLevel::Array(items)) if items.is_empty() => {
             Parsed::Rejected(Rejection::invalid(None, "Invalid Request: empty batch"))
         }
-        Ok(TopLevel::Array(items)) => Parsed::Batch(items),
+        Ok(TopLevel::Array(items)) => Parsed::Batch(items.into_iter().map(Raw::from).collect()),
         Ok(TopLevel::Other) => Parsed::Rejected(Rejection::invalid(
             None,
             "Invalid Request: not a JSON-RPC message",
@@ -260,8 +289,51 @@ fn classify_text(text: &str, read_call_params: bool) -> Parsed<'_> {
     }
 }
 
+/// The usual line, read in one pass without serde ([`crate::json::read`]): an object of the
+/// envelope's members, each given once and spelled exactly, that is a well-formed message.
+/// `None` for anything else, which serde_json then reads (and refuses, saying why, if it must).
+fn classify_plain(text: &str) -> Option<Message<'_>> {
+    let mut reader = Reader::new(text);
+    reader.eat(b'{')?;
+    let mut fields = Fields::default();
+    let mut first = true;
+    while let Some(key) = reader.member(first)? {
+        first = false;
+        let slot = match &*key {
+            "jsonrpc" => &mut fields.jsonrpc,
+            "id" => &mut fields.id,
+            "method" => &mut fields.method,
+            "params" if fields.params.is_none() => {
+                // As the serde path: strictly, on the way, when `method` came first.
+                let call = fields.method.is_some_and(|m| m.get() == "\"tools/call\"");
+                fields.params = Some(if call {
+                    Params::Call(reader.value(1)?)
+                } else {
+                    Params::Raw(Raw(reader.raw(1)?))
+                });
+                continue;
+            }
+            "result" => &mut fields.result,
+            "error" => &mut fields.error,
+            // Another member, one given twice, or a key with escapes.
+            _ => return None,
+        };
+        if slot.is_some() || matches!(key, Cow::Owned(_)) {
+            return None;
+        }
+        *slot = Some(Raw(reader.raw(1)?));
+    }
+    if !reader.at_end() {
+        return None;
+    }
+    match fields.into_parsed() {
+        Parsed::Message(msg) => Some(msg),
+        _ => None,
+    }
+}
+
 /// Classifies one element of a batch (a nested array is not a JSON-RPC message).
-pub fn classify_element(raw: &RawValue) -> Result<Message<'_>, Rejection> {
+pub fn classify_element(raw: Raw<'_>) -> Result<Message<'_>, Rejection> {
     match classify(raw.get().as_bytes()) {
         Parsed::Message(msg) => Ok(msg),
         Parsed::Rejected(r) => Err(r),
@@ -280,12 +352,12 @@ enum TopLevel<'a> {
 /// The envelope members, each as raw JSON, plus what was wrong with the object's keys.
 #[derive(Default)]
 struct Fields<'a> {
-    jsonrpc: Option<&'a RawValue>,
-    id: Option<&'a RawValue>,
-    method: Option<&'a RawValue>,
+    jsonrpc: Option<Raw<'a>>,
+    id: Option<Raw<'a>>,
+    method: Option<Raw<'a>>,
     params: Option<Params<'a>>,
-    result: Option<&'a RawValue>,
-    error: Option<&'a RawValue>,
+    result: Option<Raw<'a>>,
+    error: Option<Raw<'a>>,
     key_problem: Option<String>,
 }
 
@@ -307,7 +379,7 @@ impl<'a> Fields<'a> {
         if let Some(problem) = self.key_problem {
             return reject(format!("Invalid Request: {problem}"));
         }
-        if self.jsonrpc.map(RawValue::get) != Some("\"2.0\"") {
+        if self.jsonrpc.map(Raw::get) != Some("\"2.0\"") {
             return reject("Invalid Request: jsonrpc must be \"2.0\"".into());
         }
         let structured = match &self.params {
@@ -323,8 +395,13 @@ impl<'a> Fields<'a> {
         }
         match (self.method, self.result, self.error) {
             (Some(method), None, None) => {
-                let Ok(method) = serde_json::from_str::<Cow<'a, str>>(method.get()) else {
-                    return reject("Invalid Request: method must be a string".into());
+                // (serde_json reads a `Cow<str>` as owned, escapes or not.)
+                let method = match method.plain_str() {
+                    Some(plain) => Cow::Borrowed(plain),
+                    None => match serde_json::from_str::<String>(method.get()) {
+                        Ok(method) => Cow::Owned(method),
+                        Err(_) => return reject("Invalid Request: method must be a string".into()),
+                    },
                 };
                 let kind = match id {
                     Some(id) => Kind::Request { id, method },
@@ -403,7 +480,8 @@ impl<'de> DeserializeSeed<'de> for TopLevelSeed {
                             continue;
                         }
                         "params" => {
-                            fields.params = Some(Params::Raw(map.next_value()?));
+                            let raw: &'de RawValue = map.next_value()?;
+                            fields.params = Some(Params::Raw(raw.into()));
                             continue;
                         }
                         "result" => &mut fields.result,
@@ -420,7 +498,8 @@ impl<'de> DeserializeSeed<'de> for TopLevelSeed {
                             continue;
                         }
                     };
-                    *slot = Some(map.next_value()?);
+                    let raw: &'de RawValue = map.next_value()?;
+                    *slot = Some(raw.into());
                 }
                 Ok(TopLevel::Object(fields))
             }
@@ -603,6 +682,127 @@ pub fn result_response<T: Serialize>(id: &Id, result: &T) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::json::read::generate::Gen;
+
+    /// A JSON-RPC line as hosts and servers write them, and the odd one they should not.
+    fn generated_line(g: &mut Gen) -> String {
+        let mut members: Vec<String> = Vec::new();
+        let value = |g: &mut Gen| {
+            let mut v = String::new();
+            g.value(&mut v, 3);
+            v
+        };
+        // In each list, what follows the first `good` is wrong.
+        let good = |g: &Gen, n: usize, all: usize| if g.faults { all } else { n };
+        if g.faults && g.below(12) == 0 {
+            // No `jsonrpc`.
+        } else {
+            let versions = ["\"2.0\"", "\"1.0\"", "2", "\"2\\u002e0\""];
+            let n = g.below(good(g, 1, 4));
+            members.push(format!("\"jsonrpc\":{}", versions[n]));
+        }
+        let ids = [
+            "1",
+            "-7",
+            "0",
+            "\"a\"",
+            "\"x\\u0041\"",
+            "99999999999999999999999",
+            "1.5",
+            "null",
+        ];
+        let id = match g.below(good(g, 5, 7)) {
+            0 => None,
+            6 => Some(value(g)),
+            _ => Some(ids[g.below(good(g, 6, 8))].to_string()),
+        };
+        if let Some(id) = &id {
+            members.push(format!("\"id\":{id}"));
+        }
+        match g.below(4) {
+            0 | 1 => {
+                let methods = [
+                    "\"tools/call\"",
+                    "\"tools/call\"",
+                    "\"tools/list\"",
+                    "\"tools\\/call\"",
+                    "\"initialize\"",
+                    "5",
+                ];
+                let method = methods[g.below(good(g, 5, 6))];
+                members.push(format!("\"method\":{method}"));
+                if g.below(5) != 0 {
+                    let mut params = String::new();
+                    match g.below(good(g, 2, 3)) {
+                        2 => params = value(g),
+                        _ => {
+                            params.push_str("{\"name\":");
+                            g.string(&mut params);
+                            params.push_str(",\"arguments\":");
+                            g.object(&mut params, 2);
+                            params.push('}');
+                        }
+                    }
+                    members.push(format!("\"params\":{params}"));
+                }
+            }
+            2 => members.push(format!("\"result\":{}", value(g))),
+            _ => members.push(format!("\"error\":{}", value(g))),
+        }
+        let extra = if g.faults { g.below(10) } else { 9 };
+        match extra {
+            0 => members.push(format!("\"extra\":{}", value(g))),
+            1 => members.push(format!("\"Method\":{}", value(g))),
+            2 => members.push(format!("\"id\":{}", value(g))),
+            3 => members.push(format!("\"params\":{}", value(g))),
+            4 => members.push(format!("\"m\\u0065thod\":{}", value(g))),
+            _ => {}
+        }
+        // Any order: `params` before `method` is read the other way.
+        for i in (1..members.len()).rev() {
+            members.swap(i, g.below(i + 1));
+        }
+        let mut line = String::new();
+        g.ws(&mut line);
+        line.push('{');
+        for (i, m) in members.iter().enumerate() {
+            if i > 0 {
+                line.push(',');
+            }
+            g.ws(&mut line);
+            line.push_str(m);
+            g.ws(&mut line);
+        }
+        line.push('}');
+        g.ws(&mut line);
+        line
+    }
+
+    #[test]
+    fn the_one_pass_classification_is_the_serde_one() {
+        let mut g = Gen::new(7);
+        let (mut sure, mut calls, mut total) = (0, 0, 0);
+        for i in 0..20_000 {
+            g.faults = i % 2 == 0;
+            let line = generated_line(&mut g);
+            for text in [Some(line.clone()), g.mangle(&line)].into_iter().flatten() {
+                total += 1;
+                let Some(fast) = classify_plain(&text) else {
+                    continue;
+                };
+                sure += 1;
+                calls += usize::from(matches!(fast.params, Some(Params::Call(_))));
+                match classify_text(&text, true) {
+                    Parsed::Message(slow) => {
+                        assert_eq!(format!("{fast:?}"), format!("{slow:?}"), "{text}")
+                    }
+                    other => panic!("read as a message, serde_json says {other:?}: {text}"),
+                }
+            }
+        }
+        assert!(sure > total / 5, "sure of {sure} of {total}");
+        assert!(calls > total / 50, "{calls} tools/call params of {total}");
+    }
 
     #[test]
     fn strings_are_written_as_serde_writes_them() {
@@ -638,7 +838,7 @@ mod tests {
             r#""a\"b""#,
         ] {
             let raw = RawValue::from_string(text.to_string()).unwrap();
-            let id = Id::from_raw(&raw).expect(text);
+            let id = Id::from_raw((&*raw).into()).expect(text);
             assert_eq!(serde_json::to_string(&id).unwrap(), text);
         }
     }

@@ -44,7 +44,7 @@ use crate::framing::{self, Frame, LineReader, Outlet};
 use crate::guard::metadata::ListedTool;
 use crate::guard::{self, Action, Guard, Mode};
 use crate::json::Json;
-use crate::jsonrpc::{self, Id, Kind, Message, Params, Parsed, Rejection, Reply, code};
+use crate::jsonrpc::{self, Id, Kind, Message, Params, Parsed, Raw, Rejection, Reply, code};
 use crate::redact::Redactor;
 use crate::remote;
 use crate::stdio::{self, Input};

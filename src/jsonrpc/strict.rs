@@ -118,6 +118,15 @@ impl<'de> KeySet<'de> {
 /// The error says which key clashed, or why the JSON could not be read (for example nesting
 /// deeper than serde_json's limit of 128, or a lone surrogate).
 pub fn parse(json: &str) -> Result<Json<'_>, String> {
+    // The one-pass reader, when it is sure; serde_json otherwise, which says what is wrong.
+    if let Some(value) = crate::json::read::strict(json) {
+        return Ok(value);
+    }
+    parse_by_serde(json)
+}
+
+/// [`parse`] through serde_json alone.
+pub fn parse_by_serde(json: &str) -> Result<Json<'_>, String> {
     parse_with(json, StrictSeed { fold_case: true })
 }
 

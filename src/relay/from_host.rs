@@ -86,7 +86,7 @@ impl HostSide<'_> {
 
     /// A batch: every element is handled as if it came alone; the responses go back as one
     /// array once all are in (none if the batch held no requests).
-    pub(super) fn batch(&self, items: &[&RawValue]) {
+    pub(super) fn batch(&self, items: &[Raw<'_>]) {
         let b = {
             let mut batches = self.shared.batches();
             batches.0 += 1;
@@ -103,7 +103,7 @@ impl HostSide<'_> {
         };
         let mut expected = 0;
         for item in items {
-            match jsonrpc::classify_element(item) {
+            match jsonrpc::classify_element(*item) {
                 Ok(msg) => {
                     if matches!(msg.kind, Kind::Request { .. }) {
                         expected += 1;
@@ -183,8 +183,8 @@ impl HostSide<'_> {
                     },
                     Some(Origin::Proxy(waiter)) => {
                         let reply = match body {
-                            Reply::Result(r) => HostReply::Result(parse_value(r)),
-                            Reply::Error(e) => HostReply::Error(parse_value(e)),
+                            Reply::Result(r) => HostReply::Result(parse_value(*r)),
+                            Reply::Error(e) => HostReply::Error(parse_value(*e)),
                         };
                         let _ = waiter.send(reply);
                     }
@@ -318,23 +318,23 @@ impl HostSide<'_> {
 }
 
 /// The `requestId` of a `notifications/cancelled`.
-pub(super) fn cancelled_id(params: Option<&RawValue>) -> Option<Id> {
+pub(super) fn cancelled_id(params: Option<Raw<'_>>) -> Option<Id> {
     #[derive(Deserialize)]
     struct Cancelled<'a> {
         #[serde(rename = "requestId", borrow)]
         request_id: &'a RawValue,
     }
     let params: Cancelled<'_> = serde_json::from_str(params?.get()).ok()?;
-    Id::from_raw(params.request_id)
+    Id::from_raw(params.request_id.into())
 }
 
 /// A JSON value the parser already accepted.
-fn parse_value(raw: &RawValue) -> Value {
+fn parse_value(raw: Raw<'_>) -> Value {
     serde_json::from_str(raw.get()).unwrap_or(Value::Null)
 }
 
 /// Whether `initialize` params declare form elicitation.
-fn declares_form_elicitation(params: Option<&RawValue>) -> bool {
+fn declares_form_elicitation(params: Option<Raw<'_>>) -> bool {
     params.is_some_and(|p| offers_form(parse_value(p).pointer("/capabilities/elicitation")))
 }
 

@@ -86,10 +86,10 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
             };
             let raw = match (p.expect, body) {
                 (Expect::ToolsList, Reply::Result(result)) => {
-                    tools_listed(shared, id, result).unwrap_or(raw)
+                    tools_listed(shared, id, *result).unwrap_or(raw)
                 }
                 (Expect::Initialize, Reply::Result(result)) => {
-                    shared.host().protocol = protocol_version(result);
+                    shared.host().protocol = protocol_version(*result);
                     raw
                 }
                 (Expect::ToolsCall(Some(track)), body) => {
@@ -111,7 +111,7 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
                     }
                     match (&track.grant, body) {
                         (Some(grant), Reply::Result(result)) => {
-                            held::carry_grant(shared, id, result, grant).unwrap_or(raw)
+                            held::carry_grant(shared, id, *result, grant).unwrap_or(raw)
                         }
                         _ => raw,
                     }
@@ -163,7 +163,7 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
 }
 
 /// The `protocolVersion` of an `initialize` result.
-fn protocol_version(result: &RawValue) -> Option<String> {
+fn protocol_version(result: Raw<'_>) -> Option<String> {
     #[derive(Deserialize)]
     struct Init {
         #[serde(rename = "protocolVersion")]
@@ -176,7 +176,7 @@ fn protocol_version(result: &RawValue) -> Option<String> {
 
 /// Progress on a token the proxy already reported on (while the call waited for a human)
 /// continues past the proxy's last value, so it keeps increasing as the spec requires.
-fn shift_progress(shared: &Shared, params: Option<&RawValue>, raw: &[u8]) -> Option<Bytes> {
+fn shift_progress(shared: &Shared, params: Option<Raw<'_>>, raw: &[u8]) -> Option<Bytes> {
     if shared.progress().is_empty() {
         return None;
     }
@@ -194,7 +194,7 @@ fn shift_progress(shared: &Shared, params: Option<&RawValue>, raw: &[u8]) -> Opt
 
 /// Reads a `tools/list` result: learns the annotations, and with `hideBlockedTools` returns the
 /// rewritten response without the tools every call of which would be blocked.
-pub(super) fn tools_listed(shared: &Shared, id: &Id, result: &RawValue) -> Option<Bytes> {
+pub(super) fn tools_listed(shared: &Shared, id: &Id, result: Raw<'_>) -> Option<Bytes> {
     #[derive(Deserialize)]
     struct Listing {
         tools: Vec<ListedTool>,

@@ -784,7 +784,7 @@ fn strip(raw: &[u8], grant: &Grant) -> Option<Bytes> {
 pub(super) fn carry_grant(
     shared: &Shared,
     id: &Id,
-    result: &RawValue,
+    result: Raw<'_>,
     grant: &(String, String),
 ) -> Option<Bytes> {
     let mut result: Value = serde_json::from_str(result.get()).ok()?;
