@@ -785,7 +785,7 @@ mod tests {
         for i in 0..20_000 {
             g.faults = i % 2 == 0;
             let line = generated_line(&mut g);
-            for text in [Some(line.clone()), g.mangle(&line)].into_iter().flatten() {
+            for text in g.and_mangled(line) {
                 total += 1;
                 let Some(fast) = classify_plain(&text) else {
                     continue;
