@@ -157,10 +157,10 @@ impl Members<'_> {
     }
 }
 
-/// The current time as RFC 3339 with milliseconds, UTC (`2026-11-23T16:39:53.068Z`).
-pub fn now() -> String {
+/// `ts` as RFC 3339 with milliseconds, UTC (`2026-11-23T16:39:53.068Z`).
+pub fn rfc3339(ts: SystemTime) -> String {
     let mut text = Vec::with_capacity(24);
-    write_ts(&mut text, SystemTime::now());
+    write_ts(&mut text, ts);
     String::from_utf8(text).unwrap_or_default()
 }
 
@@ -370,7 +370,10 @@ mod tests {
             }
         }
         assert_eq!(n, 6 * 6 * 5);
-        assert_eq!(now().len(), "2026-11-23T16:39:53.068Z".len());
+        assert_eq!(
+            rfc3339(SystemTime::now()).len(),
+            "2026-11-23T16:39:53.068Z".len()
+        );
     }
 
     #[test]

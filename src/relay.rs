@@ -46,7 +46,7 @@ use crate::guard::{self, Action, Guard, Mode};
 use crate::json::Json;
 use crate::jsonrpc::{self, Id, Kind, Message, Params, Parsed, Raw, Rejection, Reply, code};
 use crate::redact::Redactor;
-use crate::remote;
+use crate::remote::{self, events, events::What};
 use crate::stdio::{self, Input};
 use crate::upstream::{self, Upstream};
 

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 use crate::approval::Status;
 use crate::config::{ApiKey, GuardService};
 use breaker::Breaker;
-use events::Events;
+use events::{Event, Events, What};
 use verdict::Verdict;
 
 /// Longest single `/wait` long poll; the wait is repeated until the approval's deadline.
@@ -125,7 +125,7 @@ impl Endpoint {
         // An evaluate body is most of a kilobyte: one allocation, not a doubling series.
         let mut bytes = Vec::with_capacity(1024);
         serde_json::to_writer(&mut bytes, body).map_err(|e| Failure::BadBody(e.to_string()))?;
-        self.send(Method::POST, url.clone(), Some(bytes), timeout)
+        self.send(Method::POST, url.clone(), Some(bytes.into()), timeout)
             .await
     }
 
@@ -134,7 +134,7 @@ impl Endpoint {
         &self,
         method: Method,
         url: Url,
-        body: Option<Vec<u8>>,
+        body: Option<bytes::Bytes>,
         timeout: Duration,
     ) -> Result<Value, Failure> {
         let mut request = self.http.client().await?.request(method, url);
@@ -278,7 +278,9 @@ impl Service {
         tokio::spawn(identify(endpoint.clone(), identity.clone()));
         Ok(Service {
             evaluate_url: endpoint.url(&["v1", "guardrails", "evaluate"]),
-            events: config.events.then(|| Events::start(endpoint.clone())),
+            events: config
+                .events
+                .then(|| Events::start(endpoint.clone(), identity.clone())),
             breaker: Breaker::new(config.failure_threshold, config.cooldown),
             endpoint,
             identity,
@@ -385,7 +387,7 @@ impl Service {
     /// `POST /v1/approvals/{id}/cancel`, best effort.
     pub async fn cancel_approval(&self, id: &str) {
         let url = self.endpoint.url(&["v1", "approvals", id, "cancel"]);
-        let body = Some(b"{}".to_vec());
+        let body = Some(bytes::Bytes::from_static(b"{}"));
         if let Err(e) = self
             .endpoint
             .send(Method::POST, url, body, self.endpoint.timeout)
@@ -400,40 +402,19 @@ impl Service {
         self.events.is_some()
     }
 
-    /// Queues an event of `kind` with the common fields filled in (APIE-WIRE §1.7).
-    pub fn event(&self, kind: &str, fields: Value) {
+    /// Queues an event: what happened to `tool` (or to none), numbered and timed now.
+    pub fn event(&self, tool: Option<&str>, what: What) {
         let Some(events) = &self.events else { return };
-        let id = &self.identity;
         let sequence = self
             .sequence
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        let mut event = json!({
-            "type": kind,
-            "event_id": uuid::Uuid::new_v4().to_string(),
-            "agent_key": id.agent_key,
-            "run_id": id.run_id,
-            "sequence_number": sequence,
-            "timestamp": crate::audit::now(),
-            "environment": id.environment,
-            "metadata": {"capture_source": "mcp_proxy"},
+        events.push(Event {
+            what,
+            tool: tool.map(str::to_owned),
+            sequence,
+            at: std::time::SystemTime::now(),
         });
-        if let (Value::Object(event), Value::Object(fields)) = (&mut event, fields) {
-            for (k, v) in fields {
-                match (k.as_str(), v) {
-                    ("metadata", Value::Object(extra)) => {
-                        if let Some(Value::Object(meta)) = event.get_mut("metadata") {
-                            meta.extend(extra);
-                        }
-                    }
-                    (_, Value::Null) => {}
-                    (_, v) => {
-                        event.insert(k, v);
-                    }
-                }
-            }
-        }
-        events.push(event);
     }
 
     /// Sends the events still queued (shutdown).

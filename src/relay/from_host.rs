@@ -249,10 +249,7 @@ impl HostSide<'_> {
             batch,
             started,
         };
-        shared.event(
-            "agent.mcp.called",
-            || json!({"payload_summary": {"server": shared.server, "tool": held.call.name}}),
-        );
+        shared.event(Some(&held.call.name), || What::Called);
         if held.call.resumes() {
             return held::resume(shared, held);
         }

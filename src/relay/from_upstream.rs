@@ -97,16 +97,10 @@ pub(super) fn upstream_message(shared: &Shared, msg: Message<'_>, raw: Bytes) {
                         shared.progress().remove(token);
                     }
                     if !track.tool.is_empty() {
-                        let (kind, error) = match body {
-                            Reply::Result(_) => ("agent.mcp.completed", None),
-                            Reply::Error(e) => ("agent.mcp.failed", Some(e.get())),
-                        };
-                        shared.event(kind, || {
-                            let error: Option<Value> = error.and_then(|e| serde_json::from_str(e).ok());
-                            json!({
-                                "payload_summary": {"server": shared.server, "tool": track.tool, "error": error},
-                                "metadata": {"result": {"status": if error.is_none() { "executed" } else { "failed" }}},
-                            })
+                        shared.event(Some(&track.tool), || match body {
+                            Reply::Result(_) => What::Completed,
+                            Reply::Error(e) => RawValue::from_string(e.get().to_owned())
+                                .map_or(What::Completed, What::Errored),
                         });
                     }
                     match (&track.grant, body) {
@@ -201,9 +195,8 @@ pub(super) fn tools_listed(shared: &Shared, id: &Id, result: Raw<'_>) -> Option<
     }
     let listing: Listing = serde_json::from_str(result.get()).ok()?;
     shared.guard.learn(&listing.tools);
-    shared.event("agent.mcp.tools_listed", || {
-        let tools: Vec<&str> = listing.tools.iter().map(|t| t.name.as_str()).collect();
-        json!({"payload_summary": {"server": shared.server, "tool_count": tools.len(), "tools": tools}})
+    shared.event(None, || {
+        What::ToolsListed(listing.tools.iter().map(|t| t.name.clone()).collect())
     });
     if !shared.guard.hide_blocked_tools() {
         return None;

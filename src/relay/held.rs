@@ -116,12 +116,10 @@ fn forward(shared: &Shared, held: HeldCall<'_>, approved: Option<f64>) {
     shared.to_upstream.push(held.raw);
 }
 
-fn refused_event(shared: &Shared, held: &HeldCall<'_>, outcome: &str) {
-    shared.event("agent.mcp.failed", || {
-        json!({
-            "payload_summary": {"server": shared.server, "tool": held.call.name, "outcome": outcome},
-            "metadata": {"reason": held.eval.reason()},
-        })
+fn refused_event(shared: &Shared, held: &HeldCall<'_>, outcome: &'static str) {
+    shared.event(Some(&held.call.name), || What::Refused {
+        outcome,
+        reason: held.eval.reason().into_owned(),
     });
 }
 
@@ -153,18 +151,13 @@ async fn decide(
         };
         match verdict {
             Ok(verdict) => {
-                shared.event("agent.guardrail.evaluated", || {
-                    let decision = json!({
-                        "policyDecision": verdict.policy.as_str(),
-                        "effectiveDecision": verdict.effective.as_str(),
-                        "enforcementAction": verdict.enforcement_action,
-                        "mode": shared.mode.as_str(),
-                        "reason": verdict.reason,
-                    });
-                    json!({
-                        "payload_summary": {"server": shared.server, "tool": held.call.name},
-                        "decision": decision.clone(),
-                        "metadata": decision,
+                shared.event(Some(&held.call.name), || {
+                    What::Evaluated(events::Decision {
+                        policy: verdict.policy.as_str(),
+                        effective: verdict.effective.as_str(),
+                        enforcement_action: verdict.enforcement_action.clone(),
+                        mode: shared.mode.as_str(),
+                        reason: verdict.reason.clone(),
                     })
                 });
                 held.eval.take_verdict(verdict);
@@ -455,25 +448,25 @@ async fn ask(
     }
 }
 
-fn requested_event(shared: &Shared, held: &HeldCall<'_>, approval_id: &str, channel: &str) {
-    shared.event("agent.approval.requested", || {
-        json!({
-            "payload_summary": {"server": shared.server, "tool": held.call.name, "channel": channel},
-            "approval": {"approval_id": approval_id, "status": "pending"},
-            "metadata": {"approval_id": approval_id, "reason": held.eval.reason()},
-            "action": {"type": held.eval.meta.action_type, "name": held.eval.meta.action_name},
-            "resource": {"type": held.eval.meta.resource_type, "provider": held.eval.meta.resource_provider},
-        })
+fn requested_event(shared: &Shared, held: &HeldCall<'_>, approval_id: &str, channel: &'static str) {
+    shared.event(Some(&held.call.name), || {
+        let meta = &held.eval.meta;
+        What::ApprovalRequested(Box::new(events::Request {
+            approval_id: approval_id.to_owned(),
+            channel,
+            reason: held.eval.reason().into_owned(),
+            action_type: meta.action_type.clone(),
+            action_name: meta.action_name.clone(),
+            resource_type: meta.resource_type.clone(),
+            resource_provider: meta.resource_provider.clone(),
+        }))
     });
 }
 
 fn resolved_event(shared: &Shared, held: &HeldCall<'_>, approval_id: Option<&str>, status: Status) {
-    shared.event("agent.approval.resolved", || {
-        json!({
-            "payload_summary": {"server": shared.server, "tool": held.call.name},
-            "approval": {"approval_id": approval_id, "status": status.as_str(), "resolved_by": null},
-            "metadata": {"approval_id": approval_id, "status": status.as_str()},
-        })
+    shared.event(Some(&held.call.name), || What::ApprovalResolved {
+        approval_id: approval_id.map(str::to_owned),
+        status: status.as_str(),
     });
 }
 

@@ -252,11 +252,11 @@ impl Shared {
         self.progress.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues an event for the service, when there is one and it takes events; `fields` is
-    /// only built then.
-    pub(super) fn event(&self, kind: &str, fields: impl FnOnce() -> Value) {
+    /// Queues an event for the service about `tool`, when there is a service and it takes
+    /// events; `what` is only built then.
+    pub(super) fn event(&self, tool: Option<&str>, what: impl FnOnce() -> What) {
         if let Some(remote) = self.remote.as_ref().filter(|r| r.takes_events()) {
-            remote.event(kind, fields());
+            remote.event(tool, what());
         }
     }
 
@@ -487,8 +487,9 @@ impl Shared {
             Some(status.as_str()),
             Some(reason),
         );
-        self.event("agent.mcp.failed", || {
-            json!({"payload_summary": {"server": self.server, "tool": held.call.name, "status": status.as_str(), "reason": reason}})
+        self.event(Some(&held.call.name), || What::Denied {
+            status: status.as_str(),
+            reason: reason.to_owned(),
         });
         let kind = if status == Status::Timeout {
             "approval_timeout"
