@@ -161,3 +161,39 @@ pub fn http_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
     }
     samples
 }
+
+/// The same round trips through reqwest on a one-thread tokio runtime, built as the proxy
+/// builds its client (no redirects, a deadline per request): what the HTTP stack itself costs
+/// per evaluation, apart from the proxy's work around it. Returns the latencies in ns.
+pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    rt.block_on(async {
+        let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let url =
+            reqwest::Url::parse(&format!("http://{addr}/v1/guardrails/evaluate")).expect("url");
+        let mut samples = Vec::with_capacity(n);
+        for _ in 0..n {
+            let t = Instant::now();
+            let response = client
+                .post(url.clone())
+                .header("content-type", "application/json")
+                .header("authorization", "Bearer bench-key")
+                .timeout(std::time::Duration::from_secs(5))
+                .body(PROBE_BODY)
+                .send()
+                .await
+                .expect("send");
+            let body = response.bytes().await.expect("body");
+            let _: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+        samples
+    })
+}

@@ -667,6 +667,7 @@ fn main() {
         let mut res: HashMap<Way, Sequential> = HashMap::new();
         let mut counts: HashMap<Way, guard::Snapshot> = HashMap::new();
         let mut http: Vec<u64> = Vec::new();
+        let mut stack: Vec<u64> = Vec::new();
         for r in 0..s.rounds {
             for way in order(&ways, r) {
                 let before = b.guard.snapshot();
@@ -682,8 +683,10 @@ fn main() {
                     .add(s.guard_calls, cps, lat, used);
             }
             http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls));
+            stack.extend(guard::reqwest_round_trips(b.guard.addr, s.guard_calls));
         }
         http.sort_unstable();
+        stack.sort_unstable();
         let calls_per_run = (s.warmup + s.guard_calls) as f64;
         println!(
             "\n== guard-service path: sequential round trips, a local HTTP guard that answers at once =="
@@ -748,6 +751,16 @@ fn main() {
             String::new(),
             String::new(),
         ]);
+        let stack50 = micros(percentile(&stack, 50.0));
+        t.row(vec![
+            "the same through reqwest + tokio".into(),
+            String::new(),
+            fixed(stack50, 1),
+            fixed(micros(percentile(&stack, 99.0)), 1),
+            String::new(),
+            String::new(),
+            String::new(),
+        ]);
         for (name, way, base) in [
             ("proxy+guard/relay", Way::ProxyGuard, Way::Relay),
             ("proxy+guard/direct", Way::ProxyGuard, Way::Direct),
@@ -759,10 +772,11 @@ fn main() {
         let added = fig[&Way::ProxyGuard].p50 - fig[&Way::Proxy].p50;
         let added_events = fig[&Way::ProxyGuardEvents].p50 - fig[&Way::Proxy].p50;
         println!(
-            "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs",
+            "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs ({} µs through reqwest)",
             fixed(added, 1),
             fixed(added_events, 1),
-            fixed(http50, 1)
+            fixed(http50, 1),
+            fixed(stack50, 1)
         );
         let g = counts[&Way::ProxyGuard];
         let per_call = g.evaluate as f64 / (calls_per_run * s.rounds as f64);
