@@ -164,8 +164,9 @@ pub fn http_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
 
 /// The same round trips through reqwest on a one-thread tokio runtime, built as the proxy
 /// builds its client (no redirects, a deadline per request): what the HTTP stack itself costs
-/// per evaluation, apart from the proxy's work around it. Returns the latencies in ns.
-pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
+/// per evaluation, apart from the proxy's work around it. Returns the latencies in ns and the
+/// CPU time the thread spent, in ns.
+pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> (Vec<u64>, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -179,6 +180,7 @@ pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
         let url =
             reqwest::Url::parse(&format!("http://{addr}/v1/guardrails/evaluate")).expect("url");
         let mut samples = Vec::with_capacity(n);
+        let cpu_before = thread_cpu_ns();
         for _ in 0..n {
             let t = Instant::now();
             let response = client
@@ -194,6 +196,14 @@ pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
             let _: serde_json::Value = serde_json::from_slice(&body).expect("json");
             samples.push(t.elapsed().as_nanos() as u64);
         }
-        samples
+        (samples, thread_cpu_ns().saturating_sub(cpu_before))
     })
+}
+
+/// On-CPU time of the calling thread so far, ns (`/proc/thread-self/schedstat`).
+fn thread_cpu_ns() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

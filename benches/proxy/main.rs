@@ -668,6 +668,7 @@ fn main() {
         let mut counts: HashMap<Way, guard::Snapshot> = HashMap::new();
         let mut http: Vec<u64> = Vec::new();
         let mut stack: Vec<u64> = Vec::new();
+        let mut stack_cpu = 0u64;
         for r in 0..s.rounds {
             for way in order(&ways, r) {
                 let before = b.guard.snapshot();
@@ -683,7 +684,9 @@ fn main() {
                     .add(s.guard_calls, cps, lat, used);
             }
             http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls));
-            stack.extend(guard::reqwest_round_trips(b.guard.addr, s.guard_calls));
+            let (samples, cpu) = guard::reqwest_round_trips(b.guard.addr, s.guard_calls);
+            stack.extend(samples);
+            stack_cpu += cpu;
         }
         http.sort_unstable();
         stack.sort_unstable();
@@ -760,6 +763,7 @@ fn main() {
             String::new(),
             String::new(),
             String::new(),
+            fixed(stack_cpu as f64 / 1000.0 / stack.len().max(1) as f64, 1),
         ]);
         for (name, way, base) in [
             ("proxy+guard/relay", Way::ProxyGuard, Way::Relay),
