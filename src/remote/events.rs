@@ -31,7 +31,7 @@ pub const RETRIES: u32 = 3;
 pub const RETRY_BASE: Duration = Duration::from_millis(250);
 
 /// What happened, with what its event carries beyond the common fields.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum What {
     /// `agent.mcp.called`: a call reached the proxy.
     Called,
@@ -78,7 +78,7 @@ impl What {
 
 /// The service's decision on a call, as `agent.guardrail.evaluated` reports it (and repeats in
 /// its `metadata`).
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct Decision {
     #[serde(rename = "policyDecision")]
     pub policy: &'static str,
@@ -91,7 +91,7 @@ pub struct Decision {
 }
 
 /// An approval asked for: which one, on which channel, and for what.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct Request {
     pub approval_id: String,
     pub channel: &'static str,
@@ -103,7 +103,7 @@ pub struct Request {
 }
 
 /// One event as queued: written out only when its batch is sent.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Event {
     pub what: What,
     /// The tool called, for the events of a call.
