@@ -9,7 +9,7 @@ use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::routing::post;
@@ -124,8 +124,10 @@ fn json(body: &'static str) -> impl axum::response::IntoResponse {
 const PROBE_BODY: &str = r#"{"agent_key":"bench","run_id":"run_mcp_0123456789ab","mode":"enforce","risk_level":"low","action":{"type":"read","name":"bench.echo"},"resource":{"type":"tool","provider":"bench","environment":null,"external_id":null},"tool":{"name":"bench.echo","provider":"mcp","riskLevel":"low"},"metadata":{"capture_source":"mcp_proxy","mcp":{"server":"bench","tool":"echo","arguments":{"path":"/srv/data/reports/2026/q3/summary-1.csv","limit":100,"message":"hello from the benchmark","tags":["bench","echo"],"n":1}}},"request_id":1,"arguments_hash":"0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0","runtime":{"framework":"apie-mcp","language":"rust","sdk_version":"0.1.0"}}"#;
 
 /// Round trips of one keep-alive HTTP/1.1 connection from this process to the guard: the cost
-/// of one evaluate request without the proxy. Returns the latencies in ns.
-pub fn http_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
+/// of one evaluate request without the proxy. With a `pause`, the thread sleeps that long
+/// before each request, as the proxy's runtime thread waits between calls (its caches and the
+/// guard's go cold, and both threads are woken for each request). Returns the latencies in ns.
+pub fn http_round_trips(addr: std::net::SocketAddr, n: usize, pause: Duration) -> Vec<u64> {
     let stream = TcpStream::connect(addr).expect("connect to the guard");
     stream.set_nodelay(true).expect("nodelay");
     let mut writer = stream.try_clone().expect("clone");
@@ -139,6 +141,7 @@ pub fn http_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
     let mut line = String::new();
     let mut body = Vec::new();
     for _ in 0..n {
+        idle(pause);
         let t = Instant::now();
         writer.write_all(request.as_bytes()).expect("send");
         let mut length = 0usize;
@@ -164,9 +167,14 @@ pub fn http_round_trips(addr: std::net::SocketAddr, n: usize) -> Vec<u64> {
 
 /// The same round trips through reqwest on a one-thread tokio runtime, built as the proxy
 /// builds its client (no redirects, a deadline per request): what the HTTP stack itself costs
-/// per evaluation, apart from the proxy's work around it. Returns the latencies in ns and the
-/// CPU time the thread spent, in ns.
-pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> (Vec<u64>, u64) {
+/// per evaluation, apart from the proxy's work around it. `pause` as for [`http_round_trips`]
+/// (the runtime's thread sleeps). Returns the latencies in ns and the CPU time the thread
+/// spent, in ns.
+pub fn reqwest_round_trips(
+    addr: std::net::SocketAddr,
+    n: usize,
+    pause: Duration,
+) -> (Vec<u64>, u64) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -182,12 +190,13 @@ pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> (Vec<u64>, u
         let mut samples = Vec::with_capacity(n);
         let cpu_before = thread_cpu_ns();
         for _ in 0..n {
+            idle(pause);
             let t = Instant::now();
             let response = client
                 .post(url.clone())
                 .header("content-type", "application/json")
                 .header("authorization", "Bearer bench-key")
-                .timeout(std::time::Duration::from_secs(5))
+                .timeout(Duration::from_secs(5))
                 .body(PROBE_BODY)
                 .send()
                 .await
@@ -198,6 +207,13 @@ pub fn reqwest_round_trips(addr: std::net::SocketAddr, n: usize) -> (Vec<u64>, u
         }
         (samples, thread_cpu_ns().saturating_sub(cpu_before))
     })
+}
+
+/// Sleeps for `pause`, if any (blocking the thread, runtime and all).
+fn idle(pause: Duration) {
+    if !pause.is_zero() {
+        std::thread::sleep(pause);
+    }
 }
 
 /// On-CPU time of the calling thread so far, ns (`/proc/thread-self/schedstat`).

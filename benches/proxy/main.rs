@@ -15,7 +15,9 @@
 //!   default. `proxy (no audit)` is the same with `audit: false`.
 //!
 //! Workloads: sequential `tools/call` round trips, pipelined calls (16 in flight), the guard
-//! service path (a local HTTP guard that answers at once), a 32 MiB tool result, and start-up.
+//! service path (a local HTTP guard that answers at once; beside it, the bench's own round trips
+//! to that guard, on a blocking socket and through reqwest, back to back and after an idle
+//! pause each), a 32 MiB tool result, and start-up.
 //! Each workload runs in rounds; every round runs every way once, in an order rotated from round
 //! to round, so that drift of the machine (other work, frequency, caches) falls on all ways
 //! alike. Every run starts fresh processes and warms them up before measuring.
@@ -50,6 +52,10 @@ use stats::{Table, fixed, median, micros, percentile, ratio, thousands};
 
 /// Calls in flight in the pipelined workload.
 const WINDOW: usize = 16;
+/// How long the bench's own guard round trips wait before each request in their second run:
+/// about what the rest of a guarded call takes through the proxy, during which its runtime
+/// thread sleeps (the kernel's timer slack makes the sleep some 50 µs longer).
+const GUARD_PAUSE: Duration = Duration::from_micros(25);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Way {
@@ -669,6 +675,9 @@ fn main() {
         let mut http: Vec<u64> = Vec::new();
         let mut stack: Vec<u64> = Vec::new();
         let mut stack_cpu = 0u64;
+        // The same, each request after an idle pause, as the proxy sends them.
+        let mut http_idle: Vec<u64> = Vec::new();
+        let mut stack_idle: Vec<u64> = Vec::new();
         for r in 0..s.rounds {
             for way in order(&ways, r) {
                 let before = b.guard.snapshot();
@@ -683,13 +692,22 @@ fn main() {
                     .or_default()
                     .add(s.guard_calls, cps, lat, used);
             }
-            http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls));
-            let (samples, cpu) = guard::reqwest_round_trips(b.guard.addr, s.guard_calls);
+            let hot = Duration::ZERO;
+            http.extend(guard::http_round_trips(b.guard.addr, s.guard_calls, hot));
+            let (samples, cpu) = guard::reqwest_round_trips(b.guard.addr, s.guard_calls, hot);
             stack.extend(samples);
             stack_cpu += cpu;
+            http_idle.extend(guard::http_round_trips(
+                b.guard.addr,
+                s.guard_calls,
+                GUARD_PAUSE,
+            ));
+            let (samples, _) = guard::reqwest_round_trips(b.guard.addr, s.guard_calls, GUARD_PAUSE);
+            stack_idle.extend(samples);
         }
-        http.sort_unstable();
-        stack.sort_unstable();
+        for samples in [&mut http, &mut stack, &mut http_idle, &mut stack_idle] {
+            samples.sort_unstable();
+        }
         let calls_per_run = (s.warmup + s.guard_calls) as f64;
         println!(
             "\n== guard-service path: sequential round trips, a local HTTP guard that answers at once =="
@@ -765,6 +783,20 @@ fn main() {
             String::new(),
             fixed(stack_cpu as f64 / 1000.0 / stack.len().max(1) as f64, 1),
         ]);
+        for (label, samples) in [
+            ("one round trip after an idle pause", &http_idle),
+            ("the same through reqwest", &stack_idle),
+        ] {
+            t.row(vec![
+                label.into(),
+                String::new(),
+                fixed(micros(percentile(samples, 50.0)), 1),
+                fixed(micros(percentile(samples, 99.0)), 1),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
         for (name, way, base) in [
             ("proxy+guard/relay", Way::ProxyGuard, Way::Relay),
             ("proxy+guard/direct", Way::ProxyGuard, Way::Direct),
@@ -776,11 +808,14 @@ fn main() {
         let added = fig[&Way::ProxyGuard].p50 - fig[&Way::Proxy].p50;
         let added_events = fig[&Way::ProxyGuardEvents].p50 - fig[&Way::Proxy].p50;
         println!(
-            "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs ({} µs through reqwest)",
+            "added by the guard service, p50: {} µs (events on: {} µs); one keep-alive HTTP round trip from the bench: {} µs ({} µs through reqwest); after an idle pause of {} µs: {} µs ({} µs through reqwest)",
             fixed(added, 1),
             fixed(added_events, 1),
             fixed(http50, 1),
-            fixed(stack50, 1)
+            fixed(stack50, 1),
+            GUARD_PAUSE.as_micros(),
+            fixed(micros(percentile(&http_idle, 50.0)), 1),
+            fixed(micros(percentile(&stack_idle, 50.0)), 1),
         );
         let g = counts[&Way::ProxyGuard];
         let per_call = g.evaluate as f64 / (calls_per_run * s.rounds as f64);
