@@ -25,10 +25,20 @@ impl Redactor {
         }
     }
 
-    /// True when values under `key` are secret.
+    /// True when values under `key` are secret: the key, lower-cased, contains a needle.
     pub fn is_secret(&self, key: &str) -> bool {
         if self.needles.is_empty() {
             return false;
+        }
+        // An ASCII key lower-cases to ASCII letter by letter, so it is compared in place, with
+        // nothing allocated (a needle that is not ASCII cannot be inside it).
+        if key.is_ascii() {
+            let key = key.as_bytes();
+            return self.needles.iter().any(|needle| {
+                let needle = needle.as_bytes();
+                key.windows(needle.len())
+                    .any(|w| w.eq_ignore_ascii_case(needle))
+            });
         }
         let key = key.to_lowercase();
         self.needles.iter().any(|needle| key.contains(needle))
@@ -137,6 +147,29 @@ mod tests {
             serde_json::to_string(&r.view(&args)).unwrap(),
             r.redact(&args).to_string()
         );
+    }
+
+    #[test]
+    fn keys_match_as_their_lower_case_contains_a_needle() {
+        let needles: Vec<String> = "token password secret apiKey ssn \u{212A}ey straße ıd"
+            .split(' ')
+            .map(String::from)
+            .collect();
+        let r = Redactor::new(&needles);
+        let keys = "t tok token TOKEN accessToken x_ToKeN_y pass PassWord1 apikey APIKEY api_key \
+                    my-ssn SSN key KEY \u{212A}EY STRASSE Straße STRAẞE id ID İD ıd tokeN\u{e9} \
+                    \u{e9}password";
+        let keys = keys.split(' ').filter(|k| !k.is_empty()).chain([""]);
+        for key in keys {
+            let lower = key.to_lowercase();
+            let expected = r.needles.iter().any(|n| lower.contains(n.as_str()));
+            assert_eq!(r.is_secret(key), expected, "{key:?}");
+        }
+        assert!(
+            r.is_secret("Kelvin_key"),
+            "the Kelvin sign's needle lower-cases to ASCII"
+        );
+        assert!(!r.is_secret("STRASSE"), "no full case folding, as before");
     }
 
     #[test]
