@@ -31,13 +31,16 @@ impl Redactor {
             return false;
         }
         // An ASCII key lower-cases to ASCII letter by letter, so it is compared in place, with
-        // nothing allocated (a needle that is not ASCII cannot be inside it).
+        // nothing allocated (a needle that is not ASCII cannot be inside it). An empty needle
+        // is in every key, as `contains` has it (the config refuses one, `new` does not).
         if key.is_ascii() {
             let key = key.as_bytes();
             return self.needles.iter().any(|needle| {
                 let needle = needle.as_bytes();
-                key.windows(needle.len())
-                    .any(|w| w.eq_ignore_ascii_case(needle))
+                needle.is_empty()
+                    || key
+                        .windows(needle.len())
+                        .any(|w| w.eq_ignore_ascii_case(needle))
             });
         }
         let key = key.to_lowercase();
@@ -170,6 +173,8 @@ mod tests {
             "the Kelvin sign's needle lower-cases to ASCII"
         );
         assert!(!r.is_secret("STRASSE"), "no full case folding, as before");
+        let empty = Redactor::new(&[String::new()]);
+        assert!(empty.is_secret("id") && empty.is_secret("") && empty.is_secret("é"));
     }
 
     #[test]
