@@ -38,7 +38,12 @@ pub(super) fn host_loop(shared: &Arc<Shared>, input: Input, max: usize) {
             break;
         }
         match frame {
-            Ok(Some(Frame::Line(line))) => host.line(line),
+            Ok(Some(Frame::Line(line))) => {
+                host.line(line);
+                if reader.early_write() {
+                    shared.to_upstream.write_ready();
+                }
+            }
             Ok(Some(Frame::TooLong { head })) => {
                 let id = framing::sniff_id(&head);
                 tracing::warn!(
