@@ -676,37 +676,64 @@ mod tests {
     #[test]
     fn write_ready_writes_what_the_output_takes_and_never_waits() {
         let (outlet, reader) = piped(true);
+        let outlet = Arc::new(outlet);
         outlet.push(Bytes::from_static(b"one"));
-        outlet.write_ready();
+        returns_at_once(&outlet);
+        assert!(
+            outlet.is_empty(),
+            "what the pipe takes is written on the spot"
+        );
         let mut lines = BufReader::new(reader);
         let mut got = String::new();
         lines.read_line(&mut got).unwrap();
         assert_eq!(got, "one\n");
+        // While another writer holds the write lock, the message is left to that writer.
+        let held = outlet.writer.lock().unwrap();
+        outlet.push(Bytes::from_static(b"two"));
+        returns_at_once(&outlet);
+        assert!(!outlet.is_empty());
+        drop(held);
         // A full pipe: what it does not take stays queued, and the call returns at once.
         let big = Bytes::from(vec![b'x'; 1 << 20]);
         outlet.push(big.clone());
-        outlet.write_ready();
+        returns_at_once(&outlet);
         assert!(!outlet.is_empty(), "a 1 MiB message cannot fit a pipe");
-        outlet.push(Bytes::from_static(b"two"));
+        outlet.push(Bytes::from_static(b"three"));
         let drain = std::thread::spawn(move || {
-            let mut rest = String::new();
-            lines.read_line(&mut rest).unwrap();
-            assert_eq!(rest.len(), big.len() + 1);
-            rest.clear();
-            lines.read_line(&mut rest).unwrap();
+            let mut rest = Vec::new();
+            for _ in 0..3 {
+                let mut line = String::new();
+                lines.read_line(&mut line).unwrap();
+                rest.push(line.len());
+            }
             rest
         });
         outlet.flush();
-        assert_eq!(drain.join().unwrap(), "two\n");
+        assert_eq!(drain.join().unwrap(), [4, big.len() + 1, 6]);
         // An output that only blocks is left to the next flush.
         let (blocking, reader) = piped(false);
-        blocking.push(Bytes::from_static(b"three"));
-        blocking.write_ready();
+        let blocking = Arc::new(blocking);
+        blocking.push(Bytes::from_static(b"four"));
+        returns_at_once(&blocking);
         assert!(!blocking.is_empty());
         blocking.flush();
         let mut got = String::new();
         BufReader::new(reader).read_line(&mut got).unwrap();
-        assert_eq!(got, "three\n");
+        assert_eq!(got, "four\n");
+    }
+
+    /// Calls [`Outlet::write_ready`] on a thread of its own and fails if it has not returned
+    /// within seconds (a write that waits would hang the test instead of failing it).
+    fn returns_at_once(outlet: &Arc<Outlet>) {
+        let (done, returned) = std::sync::mpsc::channel();
+        let outlet = outlet.clone();
+        std::thread::spawn(move || {
+            outlet.write_ready();
+            let _ = done.send(());
+        });
+        returned
+            .recv_timeout(Duration::from_secs(5))
+            .expect("write_ready waited");
     }
 
     fn message(producer: usize, n: usize) -> Bytes {
