@@ -32,10 +32,8 @@ use crate::jsonrpc::write_str;
 pub struct Record<'a> {
     #[serde(serialize_with = "serialize_ts")]
     pub ts: SystemTime,
-    pub run_id: &'a str,
-    pub agent_key: &'a str,
-    pub server: &'a str,
-    pub mode: &'a str,
+    #[serde(flatten)]
+    pub session: &'a Session,
     pub request_id: Option<&'a crate::jsonrpc::Id>,
     pub tool: &'a str,
     pub risk_level: Option<&'a str>,
@@ -55,24 +53,45 @@ pub struct Record<'a> {
     pub arguments_sha256: Option<&'a str>,
 }
 
-/// Who wrote a record: the same for every record of a session.
-#[derive(Debug, Clone, Copy)]
-pub struct Session<'a> {
-    pub run_id: &'a str,
-    pub agent_key: &'a str,
-    pub server: &'a str,
-    pub mode: &'a str,
+/// Who wrote a record: the same for every record of a session, so its members are written out
+/// once, when the session starts, and copied into each record.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Session {
+    run_id: String,
+    agent_key: String,
+    server: String,
+    mode: &'static str,
+    /// `,"runId":…,"agentKey":…,"server":…,"mode":…`: the members above as a record writes
+    /// them.
+    #[serde(skip)]
+    members: Box<[u8]>,
+}
+
+impl Session {
+    pub fn new(run_id: &str, agent_key: &str, server: &str, mode: &'static str) -> Session {
+        let mut members = Vec::new();
+        let mut m = Members(&mut members);
+        m.text("runId", run_id);
+        m.text("agentKey", agent_key);
+        m.text("server", server);
+        m.text("mode", mode);
+        Session {
+            run_id: run_id.to_owned(),
+            agent_key: agent_key.to_owned(),
+            server: server.to_owned(),
+            mode,
+            members: members.into(),
+        }
+    }
 }
 
 impl<'a> Record<'a> {
     /// A record of `session`, stamped now, with nothing but the `outcome` filled in.
-    pub fn new(session: Session<'a>, outcome: &'a str) -> Record<'a> {
+    pub fn new(session: &'a Session, outcome: &'a str) -> Record<'a> {
         Record {
             ts: SystemTime::now(),
-            run_id: session.run_id,
-            agent_key: session.agent_key,
-            server: session.server,
-            mode: session.mode,
+            session,
             request_id: None,
             tool: "",
             risk_level: None,
@@ -96,11 +115,8 @@ impl Record<'_> {
         out.extend_from_slice(b"{\"ts\":\"");
         write_ts(out, self.ts);
         out.push(b'"');
+        out.extend_from_slice(&self.session.members);
         let mut m = Members(out);
-        m.text("runId", self.run_id);
-        m.text("agentKey", self.agent_key);
-        m.text("server", self.server);
-        m.text("mode", self.mode);
         m.key("requestId");
         match self.request_id {
             Some(id) => id.write_json(m.0),
@@ -332,12 +348,7 @@ mod tests {
             1_709_208_000_123,
         ]
         .map(|ms| UNIX_EPOCH + Duration::from_millis(ms));
-        let session = Session {
-            run_id: "run_mcp_x",
-            agent_key: "agent \"k\"",
-            server: "srv",
-            mode: "enforce",
-        };
+        let session = Session::new("run_mcp_x", "agent \"k\"\n", "srv", "enforce");
         let mut n = 0;
         for (i, id) in ids.iter().enumerate() {
             for (j, text) in texts.iter().enumerate() {
@@ -356,7 +367,7 @@ mod tests {
                         status: some(i + j + k),
                         latency_ms: [0.0, 0.123456, 1234.5, f64::NAN][(i + j + k) % 4],
                         arguments_sha256: some(i + 1),
-                        ..Record::new(session, text)
+                        ..Record::new(&session, text)
                     };
                     let mut mine = Vec::new();
                     record.write_json(&mut mine);
@@ -382,12 +393,7 @@ mod tests {
         let path = dir.path().join("nested/audit.jsonl");
         for outcome in ["forwarded", "blocked"] {
             let audit = Audit::open(&path).unwrap();
-            let session = Session {
-                run_id: "run_mcp_x",
-                agent_key: "agent",
-                server: "srv",
-                mode: "enforce",
-            };
+            let session = Session::new("run_mcp_x", "agent", "srv", "enforce");
             audit.write(&Record {
                 request_id: Some(&crate::jsonrpc::Id::Number("1".into())),
                 tool: "echo",
@@ -396,7 +402,7 @@ mod tests {
                 rule: Some("r"),
                 latency_ms: 0.1,
                 arguments_sha256: Some("ab"),
-                ..Record::new(session, outcome)
+                ..Record::new(&session, outcome)
             });
             audit.close();
         }

@@ -821,15 +821,10 @@ mod tests {
         let audit = Arc::new(Audit::open(&path).unwrap());
         let (outlet, reader) = piped(false);
         let outlet = outlet.behind(audit.clone());
-        let session = crate::audit::Session {
-            run_id: "run",
-            agent_key: "agent",
-            server: "srv",
-            mode: "enforce",
-        };
+        let session = crate::audit::Session::new("run", "agent", "srv", "enforce");
         audit.write(&crate::audit::Record {
             tool: "deploy",
-            ..crate::audit::Record::new(session, "forwarded")
+            ..crate::audit::Record::new(&session, "forwarded")
         });
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "", "buffered");
         outlet.push(Bytes::from_static(b"{}"));

@@ -132,6 +132,8 @@ pub(super) struct Shared {
     pub(super) run_id: String,
     pub(super) agent_key: String,
     pub(super) server: String,
+    /// Who writes this session's audit records.
+    pub(super) session: audit::Session,
     /// Host requests in flight upstream, by id.
     pub(super) pending: Mutex<HashMap<Id, Pending>>,
     pub(super) batches: Mutex<(u64, HashMap<u64, Batch>)>,
@@ -221,6 +223,12 @@ impl Shared {
             run_id: config.run_id.clone(),
             agent_key: config.agent_key.clone(),
             server: config.server_name.clone(),
+            session: audit::Session::new(
+                &config.run_id,
+                &config.agent_key,
+                &config.server_name,
+                config.mode.as_str(),
+            ),
             guard: Guard::new(config),
             pending: Mutex::new(HashMap::new()),
             batches: Mutex::new((0, HashMap::new())),
@@ -438,13 +446,7 @@ impl Shared {
 
     /// An audit record of this session with nothing but the `outcome` filled in.
     pub(super) fn record<'a>(&'a self, outcome: &'a str) -> Record<'a> {
-        let session = audit::Session {
-            run_id: &self.run_id,
-            agent_key: &self.agent_key,
-            server: &self.server,
-            mode: self.mode.as_str(),
-        };
-        Record::new(session, outcome)
+        Record::new(&self.session, outcome)
     }
 
     /// The answer to a blocked call (SPEC §7).
