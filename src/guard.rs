@@ -382,12 +382,13 @@ pub fn arguments_digest(args: &Json<'_>) -> String {
         digest
     });
     const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(64);
-    for b in digest {
-        hex.push(HEX[usize::from(b >> 4)] as char);
-        hex.push(HEX[usize::from(b & 0xf)] as char);
+    let mut hex = [0u8; 64];
+    for (pair, b) in hex.chunks_exact_mut(2).zip(digest) {
+        pair[0] = HEX[usize::from(b >> 4)];
+        pair[1] = HEX[usize::from(b & 0xf)];
     }
-    hex
+    // Hex digits are ASCII: the conversion cannot fail.
+    std::str::from_utf8(&hex).unwrap_or_default().to_owned()
 }
 
 /// Appends `value` as canonical JSON: object keys sorted (by their bytes), no whitespace,
