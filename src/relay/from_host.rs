@@ -3,6 +3,7 @@
 //! refused on the spot; one that must wait (for the guard service or a human) goes to a task of
 //! its own on the runtime ([`held`]), so nothing else waits with it.
 
+use std::borrow::Cow;
 use std::os::fd::AsFd;
 
 use super::held::{self, HeldCall};
@@ -140,7 +141,8 @@ impl HostSide<'_> {
 
     pub(super) fn message(&self, msg: Message<'_>, raw: Bytes, batch: Option<u64>) {
         let params = msg.raw_params();
-        match &msg.kind {
+        // The message's id moves on with it (into the pending map, or the held call).
+        match msg.kind {
             Kind::Request { id, method } if method == "tools/call" => {
                 self.tools_call(id, msg.params, raw, batch)
             }
@@ -157,9 +159,7 @@ impl HostSide<'_> {
                     }
                     _ => Expect::Plain,
                 };
-                self.shared
-                    .pending()
-                    .insert(id.clone(), Pending { expect, batch });
+                self.shared.pending().insert(id, Pending { expect, batch });
                 self.forward(raw);
             }
             Kind::Notification { method } if method == "notifications/cancelled" => {
@@ -178,7 +178,7 @@ impl HostSide<'_> {
                 self.forward(raw)
             }
             Kind::Response { id, body } => {
-                let origin = self.shared.outbound().by_host_id.remove(id);
+                let origin = self.shared.outbound().by_host_id.remove(&id);
                 match origin {
                     Some(Origin::Upstream(server_id)) => match with_id(&raw, &server_id) {
                         Some(raw) => self.forward(raw),
@@ -188,8 +188,8 @@ impl HostSide<'_> {
                     },
                     Some(Origin::Proxy(waiter)) => {
                         let reply = match body {
-                            Reply::Result(r) => HostReply::Result(parse_value(*r)),
-                            Reply::Error(e) => HostReply::Error(parse_value(*e)),
+                            Reply::Result(r) => HostReply::Result(parse_value(r)),
+                            Reply::Error(e) => HostReply::Error(parse_value(e)),
                         };
                         let _ = waiter.send(reply);
                     }
@@ -212,7 +212,7 @@ impl HostSide<'_> {
     /// Guards one `tools/call`: what is forwarded is the very line that was evaluated.
     pub(super) fn tools_call(
         &self,
-        id: &Id,
+        id: Id,
         params: Option<Params<'_>>,
         raw: Bytes,
         batch: Option<u64>,
@@ -221,10 +221,7 @@ impl HostSide<'_> {
         let call = match ToolCall::read(params) {
             Ok(call) => call,
             Err(r) => {
-                let r = Rejection {
-                    id: Some(id.clone()),
-                    ..r
-                };
+                let r = Rejection { id: Some(id), ..r };
                 return self.refuse(&r, batch);
             }
         };
@@ -246,7 +243,7 @@ impl HostSide<'_> {
             String::new()
         };
         let held = HeldCall {
-            id: id.clone(),
+            id,
             call,
             eval,
             digest,
@@ -303,13 +300,13 @@ impl HostSide<'_> {
 
     pub(super) fn forward_call(
         &self,
-        id: &Id,
+        id: Id,
         raw: Bytes,
         batch: Option<u64>,
         track: Option<Box<state::CallTrack>>,
     ) {
         self.shared.pending().insert(
-            id.clone(),
+            id,
             Pending {
                 expect: Expect::ToolsCall(track),
                 batch,
@@ -352,7 +349,7 @@ fn offers_form(elicitation: Option<&Value>) -> bool {
 /// The parts of a `tools/call` the guard reads, parsed strictly (see [`jsonrpc::strict`]); the
 /// arguments borrow from the line until the call has to wait ([`ToolCall::into_owned`]).
 pub(super) struct ToolCall<'a> {
-    pub(super) name: String,
+    pub(super) name: Cow<'a, str>,
     /// Always an object.
     pub(super) arguments: Json<'a>,
     /// The call came from a 2026-07-28 client (its `_meta` carries the protocol version).
@@ -382,6 +379,7 @@ impl ToolCall<'_> {
     /// The same call, owning its arguments: for a call that waits in a task.
     pub(super) fn into_owned(self) -> ToolCall<'static> {
         ToolCall {
+            name: Cow::Owned(self.name.into_owned()),
             arguments: self.arguments.into_owned(),
             ..self
         }
@@ -449,7 +447,7 @@ impl<'a> ToolCall<'a> {
             *slot = Some(value);
         }
         let name = match name {
-            Some(Json::String(name)) => name.into_owned(),
+            Some(Json::String(name)) => name,
             _ => {
                 return Err(invalid_params(
                     "Invalid params: name must be a string".into(),

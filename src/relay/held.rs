@@ -91,7 +91,7 @@ fn forward(shared: &Shared, held: HeldCall<'_>, approved: Option<f64>) {
     let mut track = CallTrack::default();
     if let Some(progressed) = approved {
         if held.call.modern {
-            track.grant = Some((held.call.name.clone(), held.digest.clone()));
+            track.grant = Some((held.call.name.to_string(), held.digest.clone()));
         }
         if let Some(token) = &held.call.progress_token
             && progressed > 0.0
@@ -102,12 +102,12 @@ fn forward(shared: &Shared, held: HeldCall<'_>, approved: Option<f64>) {
         }
     }
     if shared.remote.as_ref().is_some_and(|r| r.takes_events()) {
-        track.tool = held.call.name.clone();
+        track.tool = held.call.name.to_string();
     }
     let track = (!track.tool.is_empty() || track.grant.is_some() || track.progress.is_some())
         .then(|| Box::new(track));
     shared.pending().insert(
-        held.id.clone(),
+        held.id,
         Pending {
             expect: Expect::ToolsCall(track),
             batch: held.batch,
@@ -530,7 +530,7 @@ async fn ask_local(
     let left = deadline.saturating_duration_since(StdInstant::now());
     let request = approval::Request {
         id: approval::new_id(),
-        tool: held.call.name.clone(),
+        tool: held.call.name.to_string(),
         server: shared.server.clone(),
         agent_key: shared.agent_key.clone(),
         arguments_sha256: held.digest.clone(),
@@ -648,7 +648,7 @@ fn ask_in_result(shared: &Shared, held: &HeldCall<'_>) -> Option<Ending> {
         .clone()
         .filter(|s| !s.starts_with(approval::state::PREFIX));
     let grant = Grant {
-        tool: held.call.name.clone(),
+        tool: held.call.name.to_string(),
         arguments_sha256: held.digest.clone(),
         expires_ms: approval::now_ms() + shared.approval_timeout.as_millis() as u64,
         nonce: approval::new_id(),

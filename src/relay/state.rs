@@ -437,7 +437,7 @@ impl Shared {
         let call = ToolCall::read(params).ok();
         let digest = call.as_ref().map(|c| guard::arguments_digest(&c.arguments));
         self.audit.write(&Record {
-            tool: call.as_ref().map(|c| c.name.as_str()).unwrap_or(""),
+            tool: call.as_ref().map_or("", |c| &c.name),
             reason: Some("tools/call sent as a notification (no id)"),
             arguments_sha256: digest.as_deref(),
             ..self.record("dropped")
