@@ -847,6 +847,25 @@ mod tests {
     }
 
     #[test]
+    fn a_calls_params_and_arguments_start_with_room_for_eight_members_and_deeper_objects_grow() {
+        use crate::json::Json;
+        let m = message(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"t","arguments":{"a":1,"b":{"c":2}}}}"#,
+        );
+        let Some(Params::Call(Json::Object(params))) = &m.params else {
+            panic!("params not parsed: {:?}", m.params)
+        };
+        let Json::Object(arguments) = &params[1].1 else {
+            panic!("arguments: {params:?}")
+        };
+        let Json::Object(deeper) = &arguments[1].1 else {
+            panic!("b: {arguments:?}")
+        };
+        assert!(params.capacity() >= 8 && arguments.capacity() >= 8);
+        assert!(deeper.capacity() < 8, "{}", deeper.capacity());
+    }
+
+    #[test]
     fn tools_call_params_are_parsed_on_the_way_only_when_method_comes_first() {
         let m = message(r#"{"jsonrpc":"2.0","method":"tools/call","params":{"b":[1]},"id":1}"#);
         assert!(
