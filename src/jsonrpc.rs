@@ -413,24 +413,37 @@ impl<'a> Fields<'a> {
                 })
             }
             (None, Some(result), None) | (None, None, Some(result)) => {
-                let Some(id) = id.clone() else {
-                    return reject("Invalid Request: a response needs an id".into());
-                };
-                if self.params.is_some() {
-                    return reject("Invalid Request: a response has no params".into());
-                }
-                let body = if self.error.is_some() {
-                    if !result.get().starts_with('{') {
-                        return reject("Invalid Request: error must be an object".into());
-                    }
-                    Reply::Error(result)
+                let error = self.error.is_some();
+                let problem = if id.is_none() {
+                    Some("a response needs an id")
+                } else if self.params.is_some() {
+                    Some("a response has no params")
+                } else if error && !result.get().starts_with('{') {
+                    Some("error must be an object")
                 } else {
-                    Reply::Result(result)
+                    None
                 };
-                Parsed::Message(Message {
-                    kind: Kind::Response { id, body },
-                    params: None,
-                })
+                // The id moves into the message: every answer passes here.
+                match (id, problem) {
+                    (Some(id), None) => {
+                        let body = if error {
+                            Reply::Error(result)
+                        } else {
+                            Reply::Result(result)
+                        };
+                        Parsed::Message(Message {
+                            kind: Kind::Response { id, body },
+                            params: None,
+                        })
+                    }
+                    (id, problem) => {
+                        let problem = problem.unwrap_or("a response needs an id");
+                        Parsed::Rejected(Rejection::invalid(
+                            id,
+                            format!("Invalid Request: {problem}"),
+                        ))
+                    }
+                }
             }
             (None, None, None) => reject("Invalid Request: no method, result or error".into()),
             _ => reject("Invalid Request: method, result and error are exclusive".into()),
@@ -1000,6 +1013,35 @@ mod tests {
             String::from_utf8(r.to_response()).unwrap(),
             r#"{"jsonrpc":"2.0","id":9,"error":{"code":-32600,"message":"Invalid Request: jsonrpc must be \"2.0\""}}"#
         );
+    }
+
+    #[test]
+    fn a_response_keeps_its_id_and_a_malformed_one_is_refused_with_it_and_why() {
+        let m = message(r#"{"jsonrpc":"2.0","id":"r1","error":{"code":1,"message":"no"}}"#);
+        assert!(
+            matches!(&m.kind, Kind::Response { id, body: Reply::Error(_) } if *id == Id::String("r1".into()))
+        );
+        for (line, id, why) in [
+            (
+                r#"{"jsonrpc":"2.0","result":{},"params":{}}"#,
+                None,
+                "a response needs an id",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":3,"result":{},"params":{}}"#,
+                Some("3"),
+                "a response has no params",
+            ),
+            (
+                r#"{"jsonrpc":"2.0","id":4,"error":"boom"}"#,
+                Some("4"),
+                "error must be an object",
+            ),
+        ] {
+            let r = rejected(line);
+            assert_eq!(r.id, id.map(|n| Id::Number(n.into())), "{line}");
+            assert_eq!(r.message, format!("Invalid Request: {why}"), "{line}");
+        }
     }
 
     #[test]
