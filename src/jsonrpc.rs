@@ -413,37 +413,32 @@ impl<'a> Fields<'a> {
                 })
             }
             (None, Some(result), None) | (None, None, Some(result)) => {
-                let error = self.error.is_some();
-                let problem = if id.is_none() {
-                    Some("a response needs an id")
-                } else if self.params.is_some() {
-                    Some("a response has no params")
-                } else if error && !result.get().starts_with('{') {
-                    Some("error must be an object")
-                } else {
-                    None
+                let Some(id) = id else {
+                    return reject("Invalid Request: a response needs an id".into());
                 };
-                // The id moves into the message: every answer passes here.
-                match (id, problem) {
-                    (Some(id), None) => {
-                        let body = if error {
-                            Reply::Error(result)
-                        } else {
-                            Reply::Result(result)
-                        };
-                        Parsed::Message(Message {
-                            kind: Kind::Response { id, body },
-                            params: None,
-                        })
-                    }
-                    (id, problem) => {
-                        let problem = problem.unwrap_or("a response needs an id");
-                        Parsed::Rejected(Rejection::invalid(
-                            id,
-                            format!("Invalid Request: {problem}"),
-                        ))
-                    }
+                // The id moves into the message (every answer passes here); only a refusal
+                // copies it.
+                let refuse = |why: &str| {
+                    Parsed::Rejected(Rejection::invalid(
+                        Some(id.clone()),
+                        format!("Invalid Request: {why}"),
+                    ))
+                };
+                if self.params.is_some() {
+                    return refuse("a response has no params");
                 }
+                let body = if self.error.is_some() {
+                    if !result.get().starts_with('{') {
+                        return refuse("error must be an object");
+                    }
+                    Reply::Error(result)
+                } else {
+                    Reply::Result(result)
+                };
+                Parsed::Message(Message {
+                    kind: Kind::Response { id, body },
+                    params: None,
+                })
             }
             (None, None, None) => reject("Invalid Request: no method, result or error".into()),
             _ => reject("Invalid Request: method, result and error are exclusive".into()),

@@ -24,8 +24,9 @@ pub const MAX_DEPTH: usize = 64;
 
 /// Objects no deeper than [`ROOMY_DEPTH`] start with room for this many members. In a line the
 /// envelope is at depth 1, a `tools/call`'s params at 2 and its arguments at 3: most tools'
-/// arguments then fit without the reallocation that growing from four members takes (about
-/// 900 instructions a call). Deeper objects, which can be many, grow as usual.
+/// arguments then fit without the reallocation that growing from four members takes (a
+/// `realloc` and its copy, some 500 instructions). Deeper objects, which can be many, grow as
+/// usual.
 const ROOMY: usize = 8;
 const ROOMY_DEPTH: usize = 3;
 
