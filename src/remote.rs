@@ -9,6 +9,7 @@
 
 pub mod breaker;
 pub mod events;
+pub mod tls;
 pub mod verdict;
 
 use std::sync::Arc;
@@ -94,7 +95,9 @@ impl Failure {
 /// Where requests go and how: shared by the calls and the event sender.
 #[derive(Clone)]
 pub(crate) struct Endpoint {
-    http: Http,
+    /// The client, or why it could not be built: each request then fails as a [`Failure::Connect`],
+    /// which `guardFailureMode` decides like any other.
+    http: Arc<Result<reqwest::Client, String>>,
     base: Url,
     /// `Authorization: Bearer <key>`, made once and marked sensitive (kept out of debug output).
     auth: HeaderValue,
@@ -137,7 +140,12 @@ impl Endpoint {
         body: Option<bytes::Bytes>,
         timeout: Duration,
     ) -> Result<Value, Failure> {
-        let mut request = self.http.client().await?.request(method, url);
+        let client = self
+            .http
+            .as_ref()
+            .as_ref()
+            .map_err(|e| Failure::Connect(format!("cannot build the HTTP client: {e}")))?;
+        let mut request = client.request(method, url);
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -174,37 +182,22 @@ impl Endpoint {
     }
 }
 
-/// The HTTP client, built on first use, on the blocking pool: building it loads the system's
-/// root certificates, milliseconds that would otherwise come before the proxy's first answer.
-#[derive(Clone)]
-struct Http {
-    client: Arc<tokio::sync::OnceCell<reqwest::Client>>,
+/// The one pooled keep-alive client of a session. Building it takes microseconds: the TLS roots
+/// it may need are loaded apart ([`tls`]).
+fn http_client(
     connect_timeout: Duration,
-}
-
-impl Http {
-    async fn client(&self) -> Result<&reqwest::Client, Failure> {
-        let connect_timeout = self.connect_timeout;
-        let build = move || {
-            reqwest::Client::builder()
-                .user_agent(concat!("apie-mcp/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(connect_timeout)
-                .pool_idle_timeout(Duration::from_secs(90))
-                // A redirect is a failure (see `Failure::is_config_error`): the key is never
-                // sent on to another address.
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .map_err(|e| error_chain(&e))
-        };
-        self.client
-            .get_or_try_init(|| async {
-                tokio::task::spawn_blocking(build)
-                    .await
-                    .unwrap_or_else(|e| Err(e.to_string()))
-            })
-            .await
-            .map_err(|e| Failure::Connect(format!("cannot build the HTTP client: {e}")))
-    }
+    roots: Arc<tls::Roots>,
+) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .user_agent(concat!("apie-mcp/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(connect_timeout)
+        .pool_idle_timeout(Duration::from_secs(90))
+        // A redirect is a failure (see `Failure::is_config_error`): the key is never sent on to
+        // another address.
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_backend_preconfigured(tls::client_config(roots))
+        .build()
+        .map_err(|e| error_chain(&e))
 }
 
 /// reqwest's own message names only the outermost error; the cause is further down.
@@ -257,14 +250,14 @@ impl Service {
         key: &ApiKey,
         identity: Identity,
     ) -> Result<Service, SetupError> {
-        // rustls needs a process-wide crypto provider; a second install is a no-op error.
-        let _ = rustls::crypto::ring::default_provider().install_default();
         let base = Url::parse(&config.base_url)
             .map_err(|_| SetupError::BadUrl(config.base_url.clone()))?;
-        let http = Http {
-            client: Default::default(),
-            connect_timeout: config.timeout,
-        };
+        let roots = tls::Roots::new(Arc::new(rustls::crypto::ring::default_provider()));
+        if base.scheme() == "https" {
+            let roots = roots.clone();
+            tokio::task::spawn_blocking(move || roots.preload());
+        }
+        let http = Arc::new(http_client(config.timeout, roots));
         let mut auth =
             HeaderValue::try_from(format!("Bearer {}", key.0)).map_err(|_| SetupError::BadKey)?;
         auth.set_sensitive(true);
@@ -274,7 +267,7 @@ impl Service {
             auth,
             timeout: config.timeout,
         };
-        // Identify goes first, in the background; it builds the client on the blocking pool.
+        // Identify goes first, in the background.
         tokio::spawn(identify(endpoint.clone(), identity.clone()));
         Ok(Service {
             evaluate_url: endpoint.url(&["v1", "guardrails", "evaluate"]),

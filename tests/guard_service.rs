@@ -20,6 +20,7 @@ use serde_json::{Value, json};
 use crate::util::apie::{
     self, ApieServer, EVALUATE, EVENTS, IDENTIFY, Reply, approval_path, cancel_path, wait_path,
 };
+use crate::util::tls::TlsFront;
 use crate::util::{
     self, RawSession, assert_not_approved, finish, is_response, result_text, sorted_sha256,
 };
@@ -463,6 +464,113 @@ async fn apie_base_url_is_used_when_the_config_has_none() {
     let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
     assert_blocked(&response, "add");
     assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert!(fx.server_tools().is_empty());
+}
+
+/// A proxy whose only trusted root is the CA in `ca_pem` (`SSL_CERT_FILE`, as the system's
+/// OpenSSL and rustls-native-certs read it), with [`KEY`].
+async fn start_trusting(fx: &Fixture, config: &Path, ca_pem: &str) -> RawSession {
+    let roots = fx.path().join("roots.pem");
+    std::fs::write(&roots, ca_pem).expect("write the trusted roots");
+    let mut proxy = fx
+        .proxy_builder(config)
+        .env("APIE_API_KEY", KEY)
+        .env("SSL_CERT_FILE", &roots)
+        .env_remove("SSL_CERT_DIR")
+        .spawn();
+    proxy.initialize_legacy(json!({})).await;
+    proxy
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_service_is_trusted_through_the_system_roots() {
+    let fx = Fixture::new().await;
+    fx.apie.set_evaluate_default(Reply::decision("block"));
+    let front = TlsFront::start(fx.apie.addr()).await;
+    let config = fx.config_at(&front.url(), json!({}));
+    let mut proxy = start_trusting(&fx, &config, front.ca_pem()).await;
+    let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
+    assert_blocked(&response, "add");
+    assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
+    fx.apie.wait_for(IDENTIFY, 1).await;
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert!(fx.server_tools().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_service_the_system_does_not_trust_is_never_sent_the_call() {
+    let fx = Fixture::new().await;
+    let front = TlsFront::start(fx.apie.addr()).await;
+    let stranger = TlsFront::start(fx.apie.addr()).await;
+    let config = fx.config_at(
+        &front.url(),
+        json!({"guardFailureMode": "fail_closed", "guard": {"events": false}}),
+    );
+    let mut proxy = start_trusting(&fx, &config, stranger.ca_pem()).await;
+    let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
+    assert_unavailable(&response, "fail_closed", "connect", "add");
+    assert!(
+        proxy.stderr_text().contains("UnknownIssuer"),
+        "the log names the certificate's fault:\n{}",
+        proxy.stderr_text()
+    );
+    assert!(
+        fx.apie.all_requests().is_empty(),
+        "a request reached the service past an untrusted certificate: {:?}",
+        fx.apie.summary()
+    );
+    assert_eq!(finish(proxy).await.code(), Some(0));
+    assert!(fx.server_tools().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_http_service_never_loads_the_tls_roots() {
+    let fx = Fixture::new().await;
+    let config = fx.config(json!({}));
+    let mut proxy = fx
+        .proxy_builder(&config)
+        .env("APIE_API_KEY", KEY)
+        .env("SSL_CERT_FILE", fx.path().join("no-such-roots.pem"))
+        .env_remove("SSL_CERT_DIR")
+        .spawn();
+    proxy.initialize_legacy(json!({})).await;
+    let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
+    assert_eq!(result_text(&response), "3", "{response}");
+    assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
+    fx.apie.wait_for(IDENTIFY, 1).await;
+    // Loading them would have logged the missing file (as the HTTPS case below shows).
+    assert!(
+        !proxy.stderr_text().contains("no-such-roots.pem") && warnings(&proxy) == 0,
+        "{}",
+        proxy.stderr_text()
+    );
+    assert_eq!(finish(proxy).await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_service_without_system_roots_is_a_connect_failure() {
+    let fx = Fixture::new().await;
+    let front = TlsFront::start(fx.apie.addr()).await;
+    let config = fx.config_at(
+        &front.url(),
+        json!({"guardFailureMode": "fail_closed", "guard": {"events": false}}),
+    );
+    let mut proxy = fx
+        .proxy_builder(&config)
+        .env("APIE_API_KEY", KEY)
+        .env("SSL_CERT_FILE", fx.path().join("no-such-roots.pem"))
+        .env_remove("SSL_CERT_DIR")
+        .spawn();
+    proxy.initialize_legacy(json!({})).await;
+    let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
+    assert_unavailable(&response, "fail_closed", "connect", "add");
+    assert!(
+        proxy.stderr_text().contains("no-such-roots.pem"),
+        "the log names the missing roots:\n{}",
+        proxy.stderr_text()
+    );
+    assert!(fx.apie.all_requests().is_empty(), "{:?}", fx.apie.summary());
     assert_eq!(finish(proxy).await.code(), Some(0));
     assert!(fx.server_tools().is_empty());
 }

@@ -290,6 +290,11 @@ impl ApieServer {
         ApieServer { addr, shared, task }
     }
 
+    /// Where it listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `http://127.0.0.1:<port>`, for `guard.baseUrl` or `APIE_BASE_URL`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)

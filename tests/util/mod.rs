@@ -43,6 +43,7 @@ use tokio::process::{Child, ChildStdin, Command};
 use tokio::sync::mpsc;
 
 pub mod apie;
+pub mod tls;
 
 /// Legacy-era protocol version the harness sends in `initialize`.
 pub const LEGACY_VERSION: &str = "2025-11-25";
