@@ -33,7 +33,7 @@ impl Roots {
     }
 
     /// Loads the roots now, if they are not loaded yet. Blocks for as long as that takes: call
-    /// it off the runtime's threads.
+    /// it off the runtime's threads. A handshake that comes while they load waits for them.
     pub fn preload(&self) {
         let _ = self.verifier();
     }
