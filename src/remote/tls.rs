@@ -1,8 +1,8 @@
 //! TLS for the guard service's client: the platform's certificate verifier, built at the first
 //! handshake that needs it.
 //!
-//! Building the verifier loads the system's root certificates (3–5 ms of CPU on the development
-//! VM, against some 20 µs for the rest of the HTTP client). A guard service reached over plain
+//! Building the verifier loads the system's root certificates (3.5–5 ms on the development VM,
+//! against some 20 µs for the rest of the HTTP client). A guard service reached over plain
 //! HTTP, such as one on the same host, never needs them, so the client is built at once and the
 //! roots only when a certificate is first checked; for an `https` service [`Roots::preload`]
 //! loads them on the blocking pool as the proxy starts. Verification itself is the platform
