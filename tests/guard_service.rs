@@ -468,19 +468,24 @@ async fn apie_base_url_is_used_when_the_config_has_none() {
     assert!(fx.server_tools().is_empty());
 }
 
-/// A proxy whose only trusted root is the CA in `ca_pem` (`SSL_CERT_FILE`, as the system's
-/// OpenSSL and rustls-native-certs read it), with [`KEY`].
-async fn start_trusting(fx: &Fixture, config: &Path, ca_pem: &str) -> RawSession {
-    let roots = fx.path().join("roots.pem");
-    std::fs::write(&roots, ca_pem).expect("write the trusted roots");
+/// A proxy with [`KEY`] whose only trusted roots are read from `roots` (`SSL_CERT_FILE`, as the
+/// system's OpenSSL and rustls-native-certs read it; no `SSL_CERT_DIR`).
+async fn start_with_roots(fx: &Fixture, config: &Path, roots: &Path) -> RawSession {
     let mut proxy = fx
         .proxy_builder(config)
         .env("APIE_API_KEY", KEY)
-        .env("SSL_CERT_FILE", &roots)
+        .env("SSL_CERT_FILE", roots)
         .env_remove("SSL_CERT_DIR")
         .spawn();
     proxy.initialize_legacy(json!({})).await;
     proxy
+}
+
+/// [`start_with_roots`] trusting only the CA in `ca_pem`.
+async fn start_trusting(fx: &Fixture, config: &Path, ca_pem: &str) -> RawSession {
+    let roots = fx.path().join("roots.pem");
+    std::fs::write(&roots, ca_pem).expect("write the trusted roots");
+    start_with_roots(fx, config, &roots).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -528,13 +533,8 @@ async fn an_https_service_the_system_does_not_trust_is_never_sent_the_call() {
 async fn a_plain_http_service_never_loads_the_tls_roots() {
     let fx = Fixture::new().await;
     let config = fx.config(json!({}));
-    let mut proxy = fx
-        .proxy_builder(&config)
-        .env("APIE_API_KEY", KEY)
-        .env("SSL_CERT_FILE", fx.path().join("no-such-roots.pem"))
-        .env_remove("SSL_CERT_DIR")
-        .spawn();
-    proxy.initialize_legacy(json!({})).await;
+    let missing = fx.path().join("no-such-roots.pem");
+    let mut proxy = start_with_roots(&fx, &config, &missing).await;
     let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
     assert_eq!(result_text(&response), "3", "{response}");
     assert_eq!(fx.apie.count(EVALUATE), 1, "{:?}", fx.apie.summary());
@@ -556,13 +556,8 @@ async fn an_https_service_without_system_roots_is_a_connect_failure() {
         &front.url(),
         json!({"guardFailureMode": "fail_closed", "guard": {"events": false}}),
     );
-    let mut proxy = fx
-        .proxy_builder(&config)
-        .env("APIE_API_KEY", KEY)
-        .env("SSL_CERT_FILE", fx.path().join("no-such-roots.pem"))
-        .env_remove("SSL_CERT_DIR")
-        .spawn();
-    proxy.initialize_legacy(json!({})).await;
+    let missing = fx.path().join("no-such-roots.pem");
+    let mut proxy = start_with_roots(&fx, &config, &missing).await;
     let response = proxy.call_tool(1, "add", json!({"a": 1, "b": 2})).await;
     assert_unavailable(&response, "fail_closed", "connect", "add");
     assert!(

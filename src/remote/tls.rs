@@ -39,7 +39,8 @@ impl Roots {
     }
 
     /// Whether the roots have been loaded (or failed to load).
-    pub fn is_loaded(&self) -> bool {
+    #[cfg(test)]
+    fn is_loaded(&self) -> bool {
         self.verifier.get().is_some()
     }
 
