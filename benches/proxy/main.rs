@@ -452,6 +452,40 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
 }
 
+/// What crossing into the kernel costs on this machine right now: a system call that does
+/// nothing (`getppid`) and an append of an audit record's size to a file in the scratch
+/// directory, which the proxy makes once per call (or burst) with the audit log on. On a VM with
+/// the CPU's side-channel mitigations these are a large part of the sequential section's
+/// budget, and they drift with the machine's phase as the round trips do.
+fn system_calls(dir: &Path) -> String {
+    use std::io::Write as _;
+    const N: u32 = 20_000;
+    let t = Instant::now();
+    for _ in 0..N {
+        std::hint::black_box(std::os::unix::process::parent_id());
+    }
+    let empty = t.elapsed() / N;
+    let path = dir.join("append-probe.jsonl");
+    let record = [&[b'x'; 376][..], b"\n"].concat();
+    let append = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut file| {
+            let t = Instant::now();
+            for _ in 0..N {
+                file.write_all(&record)?;
+            }
+            Ok(t.elapsed() / N)
+        });
+    let _ = std::fs::remove_file(&path);
+    let append = append.map_or_else(|e| format!("failed: {e}"), |d| format!("{d:.2?}"));
+    format!(
+        "an empty one {empty:.2?}, a {}-byte append to a file {append}",
+        record.len()
+    )
+}
+
 fn machine() -> String {
     let cpu = read("/proc/cpuinfo")
         .lines()
@@ -527,6 +561,7 @@ fn main() {
         println!("proxy binary: {}", b.proxy.display());
     }
     println!("machine: {}", machine());
+    println!("system calls: {}", system_calls(&dir));
     println!("load average at start: {}", load());
     println!(
         "{} rounds, ways alternated; sequential {} calls, pipelined {} calls ({WINDOW} in flight), \
