@@ -374,6 +374,12 @@ async fn config_errors_exit_64_before_spawning() {
         json!([{"name": "r", "conditions": [{"field": "args.path", "operator": "matches",
                                            "value": "(unclosed"}], "action": {"type": "block"}}]),
     );
+    // Parses, but compiles beyond `regex`'s size limit: found at load too, not at the first call.
+    let huge_regex = with(
+        "policies",
+        json!([{"name": "r", "conditions": [{"field": "args.path", "operator": "matches",
+                                           "value": "\\w{1000}{1000}"}], "action": {"type": "block"}}]),
+    );
     let two_servers = json!({
         "agentKey": "cli-test",
         "audit": false,
@@ -404,6 +410,12 @@ async fn config_errors_exit_64_before_spawning() {
             bad_regex,
             vec![],
             vec!["policies[0].conditions[0].value"],
+        ),
+        (
+            "regex beyond the size limit",
+            huge_regex,
+            vec![],
+            vec!["policies[0].conditions[0].value", "size limit"],
         ),
         (
             "missing variable",

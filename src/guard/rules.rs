@@ -18,16 +18,17 @@ use std::fmt::{self, Write as _};
 
 use std::sync::Arc;
 
-use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::{Number, Value};
 
 use crate::json::Json;
 
+use self::pattern::PatternRegex;
 use self::sets::{Found, RegexGroup};
 use super::Decision;
 use super::metadata::{Glob, RiskLevel, ToolMeta};
 
+mod pattern;
 mod sets;
 #[cfg(test)]
 mod tests;
@@ -415,7 +416,8 @@ enum Test {
 /// A `matches` regex, and where the answer of its field's [`RegexGroup`] is found.
 #[derive(Debug, Clone)]
 struct Pattern {
-    re: Regex,
+    /// Shared by the rule and the evaluation view, so that it is built once.
+    re: Arc<PatternRegex>,
     /// An index into [`RuleSet::groups`], or [`NO_GROUP`].
     group: usize,
     bit: u8,
@@ -509,7 +511,7 @@ fn with_text<R>(v: Val<'_>, f: impl FnOnce(&str) -> R) -> Option<R> {
     }
 }
 
-fn regex_matches(re: &Regex, v: Val<'_>) -> bool {
+fn regex_matches(re: &PatternRegex, v: Val<'_>) -> bool {
     with_text(v, |s| re.is_match(s)).unwrap_or(false)
 }
 
@@ -836,12 +838,23 @@ impl RuleSet {
         Ok(set)
     }
 
-    /// What builds the regex groups' searches, to run on another thread (see
-    /// [`crate::guard::Guard::warm_up`]): a call that needs one before it is built waits for it, and
-    /// nothing is built twice.
+    /// What builds the regex groups' searches and the patterns' own regexes, to run on another
+    /// thread (see [`crate::guard::Guard::warm_up`]): a call that needs one before it is built
+    /// waits for it, and nothing is built twice.
     pub fn preparer(&self) -> impl FnOnce() + Send + 'static {
         let groups = self.groups.clone();
-        move || groups.iter().for_each(RegexGroup::prepare)
+        let patterns: Vec<Arc<PatternRegex>> = self
+            .conditions
+            .iter()
+            .filter_map(|c| match &c.test {
+                Test::Matches(p) => Some(p.re.clone()),
+                _ => None,
+            })
+            .collect();
+        move || {
+            groups.iter().for_each(RegexGroup::prepare);
+            patterns.iter().for_each(|p| p.prepare());
+        }
     }
 
     /// The groups worth searching for these rules: those they read two patterns of or more.
@@ -1262,9 +1275,9 @@ fn compile_condition(
         },
         Operator::Matches => match needs_value(raw.value)? {
             Value::String(s) => Test::Matches(Pattern {
-                re: Regex::new(&s).map_err(|e| {
+                re: Arc::new(PatternRegex::new(&s).map_err(|e| {
                     rule_error(value_path(), format!("invalid regular expression: {e}"))
-                })?,
+                })?),
                 group: NO_GROUP,
                 bit: 0,
             }),

@@ -6,9 +6,9 @@
 //! [`GROUP_PATTERNS`], one bit each); [`RegexGroup::search`] answers for all of them with a few
 //! multi-pattern searches over the field's text, and the rules then read bits.
 //!
-//! Every pattern keeps its own [`regex::Regex`] too, compiled at load so that a bad pattern is
-//! still an error with its path: a group answers only for the patterns it can search cheaply, and
-//! the caller asks the pattern's own regex about the rest ([`Found::known`]). The answers are the
+//! Every pattern keeps its own regex too (`rules/pattern.rs`), checked at load so that a bad
+//! pattern is still an error with its path: a group answers only for the patterns it can search
+//! cheaply, and the caller asks the pattern's own regex about the rest ([`Found::known`]). The answers are the
 //! same either way: a multi-pattern search with [`MatchKind::All`] reports every pattern that
 //! matches anywhere in the text, which is what `Regex::is_match` says for each one, and the
 //! patterns are parsed and compiled with the options `regex` uses.
@@ -165,7 +165,7 @@ enum Anchoring {
 }
 
 /// The searches for a group's patterns. A pattern that fails to parse or to join a set (which
-/// its own regex, compiled at load, rules out) is left to that regex.
+/// the check of its own regex at load rules out) is left to that regex.
 fn build(patterns: &[Box<str>]) -> Box<[Part]> {
     // `regex::Regex::new`'s syntax options for `&str` haystacks.
     let config = syntax::Config::new().utf8(true);
