@@ -65,8 +65,8 @@ enum Way {
     ProxyNoAudit,
     ProxyGuard,
     ProxyGuardEvents,
-    /// The proxy's config with twenty more `matches` rules, for start-up only: the regexes are
-    /// compiled at load, so start-up grows with them.
+    /// The proxy's config with twenty more `matches` rules, for start-up only: each pattern is
+    /// checked at load, so start-up grows with them.
     ProxyRegexes,
 }
 
@@ -978,7 +978,7 @@ fn main() {
 
     if s.runs("startup") {
         // With a guard service too (its HTTP client may load the system's root certificates), and
-        // with more regex rules (compiled at load).
+        // with more regex rules (checked at load).
         let ways = [
             Way::Direct,
             Way::Relay,

@@ -805,7 +805,9 @@ impl RuleSet {
             .into_iter()
             .enumerate()
             .map(|(i, r)| compile_rule(i, r, &mut paths))
-            .collect::<Result<Vec<_>, _>>()?;
+            .collect::<Result<Vec<_>, _>>();
+        pattern::release();
+        let rules = rules?;
         let mut matchers = Vec::new();
         let mut conditions = Vec::new();
         let hot = rules

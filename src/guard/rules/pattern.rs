@@ -5,11 +5,12 @@
 //! in a fresh process each `Regex::new` made two Thompson compilers, each with a UTF-8 table of
 //! some 400 KB written out afresh, then the prefilters and the lazy DFA's set-up, about 0.17 ms a
 //! pattern on the 2-core dev VM (twenty regex rules added 3.3 ms to start-up). So at load a
-//! pattern is only parsed and its forward and reverse NFAs compiled, by compilers kept per thread,
-//! under `regex`'s own options and size limit: those are the only ways `Regex::new` fails. The
+//! pattern is only parsed and its forward and reverse NFAs compiled, by compilers kept for the
+//! whole load, under `regex`'s own options and size limit: those are the only ways `Regex::new` fails. The
 //! regex is built on the warm-up thread ([`crate::guard::Guard::warm_up`]) or at its first search,
 //! whichever comes first.
 
+use std::cell::RefCell;
 use std::sync::OnceLock;
 
 use regex::Regex;
@@ -48,8 +49,8 @@ impl PatternRegex {
     pub(super) fn is_match(&self, text: &str) -> bool {
         match self.regex() {
             Some(re) => re.is_match(text),
-            // Not reached: the check at load is what `Regex::new` checks. Should it ever be,
-            // the condition holds, so that a `block` rule resting on it still blocks.
+            // Not reached: the check at load is what `Regex::new` checks. Should it ever be, the
+            // error is logged and the condition holds (the rule resting on it applies).
             None => true,
         }
     }
@@ -67,19 +68,36 @@ impl PatternRegex {
     }
 }
 
+/// The compilers of [`check`]: a forward and a reverse one.
+type Compilers = (thompson::Compiler, thompson::Compiler);
+
 thread_local! {
-    /// The compilers of [`check`], kept so that their UTF-8 tables are made once per thread.
-    static COMPILERS: (thompson::Compiler, thompson::Compiler) = {
-        let config = thompson::Config::new()
-            .utf8(true)
-            .nfa_size_limit(Some(SIZE_LIMIT))
-            .shrink(false);
-        let mut forward = thompson::Compiler::new();
-        forward.configure(config.clone().which_captures(WhichCaptures::All));
-        let mut reverse = thompson::Compiler::new();
-        reverse.configure(config.reverse(true).which_captures(WhichCaptures::None));
-        (forward, reverse)
-    };
+    /// Kept between checks, so that their UTF-8 tables (some 400 KB each) are made once per
+    /// load, and let go by [`release`] when the load is done.
+    static COMPILERS: RefCell<Option<Compilers>> = const { RefCell::new(None) };
+}
+
+fn compilers() -> Compilers {
+    let config = thompson::Config::new()
+        .utf8(true)
+        .nfa_size_limit(Some(SIZE_LIMIT))
+        .shrink(false);
+    let mut forward = thompson::Compiler::new();
+    forward.configure(config.clone().which_captures(WhichCaptures::All));
+    let mut reverse = thompson::Compiler::new();
+    reverse.configure(config.reverse(true).which_captures(WhichCaptures::None));
+    (forward, reverse)
+}
+
+/// Frees the compilers this thread's checks kept.
+pub(super) fn release() {
+    COMPILERS.with(|c| c.borrow_mut().take());
+}
+
+/// Whether this thread holds compilers.
+#[cfg(test)]
+pub(super) fn kept() -> bool {
+    COMPILERS.with(|c| c.borrow().is_some())
 }
 
 /// What `Regex::new(pattern)` checks, and the error it gives: the syntax (parsed as for a
@@ -88,8 +106,10 @@ thread_local! {
 fn check(pattern: &str) -> Result<(), regex::Error> {
     let hir = syntax::parse_with(pattern, &syntax::Config::new().utf8(true))
         .map_err(|e| regex::Error::Syntax(e.to_string()))?;
-    COMPILERS.with(|(forward, reverse)| {
-        for compiler in [forward, reverse] {
+    COMPILERS.with(|c| {
+        let mut c = c.borrow_mut();
+        let (forward, reverse) = c.get_or_insert_with(compilers);
+        for compiler in [&*forward, &*reverse] {
             compiler
                 .build_from_hir(&hir)
                 .map_err(|e| match e.size_limit() {
@@ -136,6 +156,14 @@ mod tests {
             ),
             "the size limit is checked"
         );
+    }
+
+    #[test]
+    fn the_compilers_are_kept_between_checks_and_let_go_after() {
+        PatternRegex::new("(?i)drop\\s+table").unwrap();
+        assert!(kept());
+        release();
+        assert!(!kept());
     }
 
     #[test]

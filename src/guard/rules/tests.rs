@@ -310,6 +310,18 @@ fn matches_regex_on_strings_and_numbers() {
 }
 
 #[test]
+fn compiling_lets_go_of_the_compilers_that_checked_its_patterns() {
+    let one = |v: &str| {
+        json!([{"name": "r", "conditions": [c("args.p", "matches", json!(v))],
+                                "action": {"type": "block"}}])
+    };
+    rules(one("^/etc/"));
+    assert!(!super::pattern::kept(), "after a load");
+    compile_err(one("(unclosed"));
+    assert!(!super::pattern::kept(), "after a refused load");
+}
+
+#[test]
 fn bad_regex_is_a_compile_error_with_its_path() {
     let e = compile_err(json!([
         {"name": "a", "action": {"type": "allow"}},
