@@ -1812,6 +1812,39 @@ async fn no_events_when_disabled() {
     assert_eq!(fx.apie.count(EVENTS), 0, "{:?}", fx.apie.summary());
 }
 
+/// Issue #4: the service costs a call one request on a connection kept alive, never a
+/// connection of its own; events go out in batches on at most one more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guarded_calls_and_event_batches_reuse_kept_alive_connections() {
+    for events in [false, true] {
+        let fx = Fixture::new().await;
+        let mut proxy = fx.start(json!({"guard": {"events": events}})).await;
+        let first = proxy.call_tool(0, "echo", json!({"text": "call 0"})).await;
+        assert_eq!(result_text(&first), "call 0");
+        // `identify` may still hold the first connection when the first evaluate goes out.
+        let warm = fx.apie.connections();
+        assert!((1..=2).contains(&warm), "{warm} connections for one call");
+        const CALLS: u64 = 60;
+        for i in 1..=CALLS {
+            let text = format!("call {i}");
+            let echoed = proxy.call_tool(i, "echo", json!({"text": text})).await;
+            assert_eq!(result_text(&echoed), text, "{echoed}");
+        }
+        assert_eq!(fx.apie.count(EVALUATE), CALLS as usize + 1);
+        if events {
+            // Each call makes an event or more, 25 to a batch: at least two batches by now.
+            fx.apie.wait_for(EVENTS, 2).await;
+        }
+        let extra = usize::from(events);
+        assert!(
+            fx.apie.connections() <= warm + extra,
+            "events {events}: {} connections after {CALLS} more calls, {warm} after the first",
+            fx.apie.connections()
+        );
+        assert_eq!(finish(proxy).await.code(), Some(0));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_events_endpoint_never_delays_or_fails_a_call() {
     let fx = Fixture::new().await;

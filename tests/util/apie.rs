@@ -14,7 +14,8 @@
 //!
 //! Every request is recorded before it is answered ([`Recorded`]: method, path, query, headers,
 //! body, the status it was answered with, when it arrived), so tests can count requests that
-//! never got their answer (timeouts) and inspect bodies and the `Authorization` header.
+//! never got their answer (timeouts) and inspect bodies and the `Authorization` header. The TCP
+//! connections it accepted are counted too ([`ApieServer::connections`]).
 //!
 //! Approval statuses are scripted per approval id ([`ApieServer::script_approval`]): each
 //! status read (`/wait` or `GET`) takes the next status of the sequence, and the last one stays.
@@ -24,6 +25,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -32,6 +34,7 @@ use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use axum::serve::ListenerExt as _;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -230,6 +233,8 @@ struct Shared {
     script: Mutex<Script>,
     /// Woken whenever an approval status changes (long polls re-read it).
     approval_changed: Notify,
+    /// TCP connections accepted.
+    connections: AtomicUsize,
 }
 
 impl Shared {
@@ -276,11 +281,18 @@ impl ApieServer {
                 requests: Vec::new(),
             }),
             approval_changed: Notify::new(),
+            connections: AtomicUsize::new(0),
         });
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind the fake Apie service");
         let addr = listener.local_addr().expect("local address");
+        let listener = listener.tap_io({
+            let shared = Arc::clone(&shared);
+            move |_| {
+                shared.connections.fetch_add(1, Ordering::SeqCst);
+            }
+        });
         let app = Router::new()
             .fallback(dispatch)
             .with_state(Arc::clone(&shared));
@@ -366,6 +378,11 @@ impl ApieServer {
             .filter(|r| r.path == path)
             .cloned()
             .collect()
+    }
+
+    /// How many TCP connections were accepted so far.
+    pub fn connections(&self) -> usize {
+        self.shared.connections.load(Ordering::SeqCst)
     }
 
     /// How many requests to `path` were received so far.
