@@ -31,6 +31,11 @@
 //!
 //! The helper binaries are the examples `bench_echo` and `bench_relay` of the same profile; the
 //! benchmark builds them with cargo when they are missing or older than their source.
+//!
+//! Under `cargo test` (which passes no `--bench`) it is a smoke test: every section once, at
+//! tiny counts (`APIE_BENCH_SCALE` 0.02, one round, a 1 MiB result, unless the environment says
+//! otherwise), so that a change which breaks the harness fails the test suite. Its figures, from
+//! a debug build, mean nothing.
 
 #![allow(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
@@ -97,16 +102,17 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_env() -> Settings {
+    /// The knobs from the environment; `smoke` changes their defaults to tiny counts.
+    fn from_env(smoke: bool) -> Settings {
         let var = |k: &str| std::env::var(k).ok().filter(|v| !v.trim().is_empty());
         let scale: f64 = var("APIE_BENCH_SCALE")
             .map(|v| v.parse().expect("APIE_BENCH_SCALE is a number"))
-            .unwrap_or(1.0);
+            .unwrap_or(if smoke { 0.02 } else { 1.0 });
         let n = |base: usize| ((base as f64 * scale).round() as usize).max(1);
         Settings {
             rounds: var("APIE_BENCH_ROUNDS")
                 .map(|v| v.parse().expect("APIE_BENCH_ROUNDS is a count"))
-                .unwrap_or(5)
+                .unwrap_or(if smoke { 1 } else { 5 })
                 .max(1),
             warmup: n(300),
             seq_calls: n(4000),
@@ -115,7 +121,7 @@ impl Settings {
             big_reps: n(3),
             big_bytes: var("APIE_BENCH_BIG_MB")
                 .map(|v| v.parse::<usize>().expect("APIE_BENCH_BIG_MB is a count"))
-                .unwrap_or(32)
+                .unwrap_or(if smoke { 1 } else { 32 })
                 << 20,
             startup_reps: n(40),
             only: var("APIE_BENCH_ONLY")
@@ -563,8 +569,9 @@ struct Target {
 }
 
 fn main() {
-    // `cargo bench` passes `--bench`; a filter argument is not supported.
-    let s = Settings::from_env();
+    // `cargo bench` passes `--bench`, `cargo test` nothing; a filter argument is not supported.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let s = Settings::from_env(smoke);
     let dir = std::env::temp_dir().join(format!("apie-bench-{}", std::process::id()));
     std::fs::create_dir_all(dir.join("state")).expect("scratch directory");
     let mut b = Bench {
@@ -589,6 +596,9 @@ fn main() {
     }
     let began = Instant::now();
     println!("apie-mcp proxy benchmark (commit {})", git_head());
+    if smoke {
+        println!("smoke run (no --bench): every section at tiny counts; the figures mean nothing");
+    }
     if std::env::var_os("APIE_BENCH_PROXY").is_some() {
         println!("proxy binary: {}", b.proxy.display());
     }
