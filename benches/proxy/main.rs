@@ -288,9 +288,11 @@ fn profile_dir() -> PathBuf {
     proxy.parent().expect("profile directory").to_path_buf()
 }
 
-/// The example binaries, built (release) when missing or older than their source.
+/// The example binaries, built (in the benchmark's own profile) when missing or older than
+/// their source.
 fn example(name: &str) -> PathBuf {
-    let bin = profile_dir()
+    let dir = profile_dir();
+    let bin = dir
         .join("examples")
         .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     let source = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -302,13 +304,15 @@ fn example(name: &str) -> PathBuf {
         _ => true,
     };
     if stale {
-        eprintln!("building example {name} (release)");
-        let target_dir = profile_dir()
-            .parent()
-            .expect("target directory")
-            .to_path_buf();
+        // `target/debug` is the dev profile's (and `cargo test`'s); others are named as they are.
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") | None => "dev",
+            Some(other) => other,
+        };
+        eprintln!("building example {name} ({profile})");
+        let target_dir = dir.parent().expect("target directory").to_path_buf();
         let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--release", "--example", name])
+            .args(["build", "--profile", profile, "--example", name])
             .env("CARGO_TARGET_DIR", target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
