@@ -6,9 +6,10 @@
 //! some 400 KB written out afresh, then the prefilters and the lazy DFA's set-up, about 0.17 ms a
 //! pattern on the 2-core dev VM (twenty regex rules added 3.3 ms to start-up). So at load a
 //! pattern is only parsed and its forward and reverse NFAs compiled, by compilers kept for the
-//! whole load, under `regex`'s own options and size limit: those are the only ways `Regex::new` fails. The
-//! regex is built on the warm-up thread ([`crate::guard::Guard::warm_up`]) or at its first search,
-//! whichever comes first.
+//! whole load, under `regex`'s own options and size limit: those are the only ways `Regex::new`
+//! fails. The regex is built on the warm-up thread ([`crate::guard::Guard::warm_up`]) or at its
+//! first search, whichever comes first. `regex`'s options live here for the regex groups too
+//! ([`super::sets`]).
 
 use std::cell::RefCell;
 use std::sync::OnceLock;
@@ -17,8 +18,13 @@ use regex::Regex;
 use regex_automata::nfa::thompson::{self, WhichCaptures};
 use regex_automata::util::syntax;
 
-/// `regex`'s default size limit for each of a regex's NFAs.
-const SIZE_LIMIT: usize = 10 * (1 << 20);
+/// `regex`'s default size limit for each of a regex's NFAs (and a `RegexSet`'s).
+pub(super) const SIZE_LIMIT: usize = 10 * (1 << 20);
+
+/// `regex::Regex::new`'s syntax options for `&str` haystacks.
+pub(super) fn syntax_config() -> syntax::Config {
+    syntax::Config::new().utf8(true)
+}
 
 /// A checked pattern and, once built, its regex.
 #[derive(Debug)]
@@ -104,7 +110,7 @@ pub(super) fn kept() -> bool {
 /// `&str` haystack), then the size of the forward NFA and of the reverse one, which `regex`'s
 /// engine builds as soon as its lazy DFA is enabled, as it is by default.
 fn check(pattern: &str) -> Result<(), regex::Error> {
-    let hir = syntax::parse_with(pattern, &syntax::Config::new().utf8(true))
+    let hir = syntax::parse_with(pattern, &syntax_config())
         .map_err(|e| regex::Error::Syntax(e.to_string()))?;
     COMPILERS.with(|c| {
         let mut c = c.borrow_mut();

@@ -6,12 +6,12 @@
 //! [`GROUP_PATTERNS`], one bit each); [`RegexGroup::search`] answers for all of them with a few
 //! multi-pattern searches over the field's text, and the rules then read bits.
 //!
-//! Every pattern keeps its own regex too (`rules/pattern.rs`), checked at load so that a bad
+//! Every pattern keeps its own regex too ([`super::pattern`]), checked at load so that a bad
 //! pattern is still an error with its path: a group answers only for the patterns it can search
-//! cheaply, and the caller asks the pattern's own regex about the rest ([`Found::known`]). The answers are the
-//! same either way: a multi-pattern search with [`MatchKind::All`] reports every pattern that
-//! matches anywhere in the text, which is what `Regex::is_match` says for each one, and the
-//! patterns are parsed and compiled with the options `regex` uses.
+//! cheaply, and the caller asks the pattern's own regex about the rest ([`Found::known`]). The
+//! answers are the same either way: a multi-pattern search with [`MatchKind::All`] reports every
+//! pattern that matches anywhere in the text, which is what `Regex::is_match` says for each one,
+//! and the patterns are parsed and compiled with the options `regex` uses.
 //!
 //! The multi-pattern searches are compiled beside start-up on another thread
 //! ([`crate::guard::Guard::warm_up`]), or on the first search if that comes first, not at load, so
@@ -167,8 +167,7 @@ enum Anchoring {
 /// The searches for a group's patterns. A pattern that fails to parse or to join a set (which
 /// the check of its own regex at load rules out) is left to that regex.
 fn build(patterns: &[Box<str>]) -> Box<[Part]> {
-    // `regex::Regex::new`'s syntax options for `&str` haystacks.
-    let config = syntax::Config::new().utf8(true);
+    let config = super::pattern::syntax_config();
     let mut classes: [(Anchoring, Vec<(Hir, u8)>); 3] = [
         (Anchoring::Start, Vec::new()),
         (Anchoring::None, Vec::new()),
@@ -220,7 +219,7 @@ fn anchoring(hir: &Hir) -> Anchoring {
 /// `regex::RegexSet::new`'s options.
 fn set_config() -> meta::Config {
     meta::Config::new()
-        .nfa_size_limit(Some(10 * (1 << 20)))
+        .nfa_size_limit(Some(super::pattern::SIZE_LIMIT))
         .hybrid_cache_capacity(2 * (1 << 20))
         .match_kind(MatchKind::All)
         .utf8_empty(true)
