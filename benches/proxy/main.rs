@@ -400,7 +400,17 @@ fn sequential(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Vec<u64
     (calls as f64 / total.as_secs_f64(), lat, used)
 }
 
-fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Usage) {
+/// One pipelined run.
+struct PipeRun {
+    calls_per_s: f64,
+    /// The middle process's use (the echo itself when direct).
+    middle: Usage,
+    /// The whole flow's: the benchmark's own threads (the client), the middle and its server.
+    flow: Usage,
+    wall: Duration,
+}
+
+fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> PipeRun {
     let mut p = Proc::spawn(&b.launch(way));
     p.handshake();
     for i in 0..warmup {
@@ -420,7 +430,9 @@ fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Usage) {
         }
         stdin
     });
-    let before = p.usage();
+    // The client is this process: its main thread reads, the writer writes.
+    let flow_pids = [process::tree(p.pid), vec![std::process::id()]].concat();
+    let before = (p.usage(), process::usage_of(&flow_pids));
     let start = Instant::now();
     for _ in 0..WINDOW {
         let _ = credit.send(());
@@ -435,11 +447,18 @@ fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> (f64, Usage) {
         );
         let _ = credit.send(());
     }
-    let total = start.elapsed();
-    let used = p.usage().since(before);
+    let wall = start.elapsed();
+    // Taken before the writer is joined, while all its threads are alive to be counted.
+    let middle = p.usage().since(before.0);
+    let flow = process::usage_of(&flow_pids).since(before.1);
     p.give_stdin(writer.join().expect("writer"));
     p.finish();
-    (calls as f64 / total.as_secs_f64(), used)
+    PipeRun {
+        calls_per_s: calls as f64 / wall.as_secs_f64(),
+        middle,
+        flow,
+        wall,
+    }
 }
 
 struct Big {
@@ -681,23 +700,21 @@ fn main() {
 
     if s.runs("pipe") {
         let ways = [Way::Direct, Way::Relay, Way::Proxy, Way::ProxyNoAudit];
-        let mut res: HashMap<Way, Vec<f64>> = HashMap::new();
-        let mut cpu: HashMap<Way, Vec<f64>> = HashMap::new();
-        let mut switches: HashMap<Way, Vec<f64>> = HashMap::new();
+        let mut runs: HashMap<Way, Vec<PipeRun>> = HashMap::new();
         for r in 0..s.rounds {
             for way in order(&ways, r) {
-                let (cps, used) = pipelined(&b, way, s.warmup, s.pipe_calls);
-                res.entry(way).or_default().push(cps);
-                let calls = s.pipe_calls as f64;
-                cpu.entry(way)
-                    .or_default()
-                    .push(used.cpu_ns as f64 / 1000.0 / calls);
-                switches
-                    .entry(way)
-                    .or_default()
-                    .push(used.switches as f64 / calls);
+                let run = pipelined(&b, way, s.warmup, s.pipe_calls);
+                runs.entry(way).or_default().push(run);
             }
         }
+        let calls = s.pipe_calls as f64;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        // Per way, the median over its rounds of a figure of each run.
+        let per = |way: Way, f: &dyn Fn(&PipeRun) -> f64| {
+            median(&runs[&way].iter().map(f).collect::<Vec<_>>())
+        };
+        let flow_cpu = |r: &PipeRun| r.flow.cpu_ns as f64 / 1000.0 / calls;
+        let busy = |r: &PipeRun| r.flow.cpu_ns as f64 / r.wall.as_nanos() as f64 / cores;
         println!("\n== pipelined tools/call, {WINDOW} in flight, local rules only ==");
         let mut t = Table::new(&[
             "way",
@@ -705,36 +722,59 @@ fn main() {
             "rounds min..max",
             "CPU µs/call",
             "switches/call",
+            "CPU wait µs/call",
+            "flow CPU µs/call",
+            "CPUs busy",
         ]);
-        let fig: HashMap<Way, f64> = ways.iter().map(|w| (*w, median(&res[w]))).collect();
+        let fig: HashMap<Way, f64> = ways
+            .iter()
+            .map(|w| (*w, per(*w, &|r| r.calls_per_s)))
+            .collect();
         for way in ways {
-            let v = &res[&way];
-            let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = v.iter().copied().fold(0.0, f64::max);
+            let cps: Vec<f64> = runs[&way].iter().map(|r| r.calls_per_s).collect();
+            let lo = cps.iter().copied().fold(f64::INFINITY, f64::min);
+            let hi = cps.iter().copied().fold(0.0, f64::max);
             t.row(vec![
                 way.label().into(),
                 thousands(fig[&way]),
                 format!("{}..{}", thousands(lo), thousands(hi)),
-                fixed(median(&cpu[&way]), 1),
-                fixed(median(&switches[&way]), 2),
+                fixed(per(way, &|r| r.middle.cpu_ns as f64 / 1000.0 / calls), 1),
+                fixed(per(way, &|r| r.middle.switches as f64 / calls), 2),
+                fixed(per(way, &|r| r.middle.wait_ns as f64 / 1000.0 / calls), 1),
+                fixed(per(way, &flow_cpu), 1),
+                format!("{:.0} %", per(way, &busy) * 100.0),
             ]);
         }
-        t.row(vec![
-            "proxy/relay".into(),
-            ratio(fig[&Way::Proxy], fig[&Way::Relay]),
-            String::new(),
-        ]);
-        t.row(vec![
-            "proxy/direct".into(),
-            ratio(fig[&Way::Proxy], fig[&Way::Direct]),
-            String::new(),
-        ]);
-        t.row(vec![
-            "proxy (no audit)/relay".into(),
-            ratio(fig[&Way::ProxyNoAudit], fig[&Way::Relay]),
-            String::new(),
-        ]);
+        for (name, way, base) in [
+            ("proxy/relay", Way::Proxy, Way::Relay),
+            ("proxy/direct", Way::Proxy, Way::Direct),
+            ("proxy (no audit)/relay", Way::ProxyNoAudit, Way::Relay),
+        ] {
+            let mut row = vec![name.into(), ratio(fig[&way], fig[&base])];
+            row.extend(std::iter::repeat_n(String::new(), 6));
+            t.row(row);
+        }
         print!("{}", t.render());
+        println!(
+            "CPU wait: the middle process's threads runnable but waiting for a CPU; flow CPU: the \
+             client's, the middle's and the server's together; CPUs busy: the flow CPU over the \
+             run's wall time and the machine's {cores} CPUs"
+        );
+        // What the target would take of the machine at the proxy's CPU cost per call.
+        let goal = 0.9 * fig[&Way::Relay];
+        for way in [Way::Proxy, Way::ProxyNoAudit] {
+            let cost = per(way, &flow_cpu);
+            println!(
+                "at 0.9x the relay ({} calls/s), the {} flow's {:.1} µs of CPU a call would keep \
+                 {:.0} % of the CPUs busy (the relay's flow kept {:.0} %, this one {:.0} %)",
+                thousands(goal),
+                way.label(),
+                cost,
+                goal * cost / 1e6 / cores * 100.0,
+                per(Way::Relay, &busy) * 100.0,
+                per(way, &busy) * 100.0,
+            );
+        }
         let r = fig[&Way::Proxy] / fig[&Way::Relay];
         targets.push(Target {
             what: "pipelined calls/s >= 0.9x relay".into(),

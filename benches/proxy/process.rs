@@ -217,8 +217,11 @@ pub fn peak_rss(pid: u32) -> Option<u64> {
 /// What a process has used so far, summed over its live threads.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Usage {
-    /// On-CPU time, ns (`/proc/<pid>/task/*/schedstat`).
+    /// On-CPU time, ns (`/proc/<pid>/task/*/schedstat`, its first field).
     pub cpu_ns: u64,
+    /// Time runnable but waiting for a CPU, ns (`schedstat`'s second field): on a machine with
+    /// fewer CPUs than busy threads, what the threads lose to one another.
+    pub wait_ns: u64,
     /// Voluntary and involuntary context switches.
     pub switches: u64,
 }
@@ -227,7 +230,19 @@ impl Usage {
     pub fn since(self, before: Usage) -> Usage {
         Usage {
             cpu_ns: self.cpu_ns.saturating_sub(before.cpu_ns),
+            wait_ns: self.wait_ns.saturating_sub(before.wait_ns),
             switches: self.switches.saturating_sub(before.switches),
+        }
+    }
+}
+
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, o: Usage) -> Usage {
+        Usage {
+            cpu_ns: self.cpu_ns + o.cpu_ns,
+            wait_ns: self.wait_ns + o.wait_ns,
+            switches: self.switches + o.switches,
         }
     }
 }
@@ -239,13 +254,12 @@ pub fn usage(pid: u32) -> Usage {
     };
     for task in tasks.flatten() {
         let dir = task.path();
-        if let Ok(stat) = std::fs::read_to_string(dir.join("schedstat"))
-            && let Some(ns) = stat
+        if let Ok(stat) = std::fs::read_to_string(dir.join("schedstat")) {
+            let mut fields = stat
                 .split_whitespace()
-                .next()
-                .and_then(|v| v.parse::<u64>().ok())
-        {
-            u.cpu_ns += ns;
+                .map(|v| v.parse::<u64>().unwrap_or(0));
+            u.cpu_ns += fields.next().unwrap_or(0);
+            u.wait_ns += fields.next().unwrap_or(0);
         }
         if let Ok(status) = std::fs::read_to_string(dir.join("status")) {
             for line in status.lines() {
@@ -262,4 +276,33 @@ pub fn usage(pid: u32) -> Usage {
         }
     }
     u
+}
+
+/// `pid` and every live process below it (`/proc/<pid>/task/*/children`).
+pub fn tree(pid: u32) -> Vec<u32> {
+    let mut all = vec![pid];
+    let mut next = 0;
+    while let Some(&p) = all.get(next) {
+        next += 1;
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(children) = std::fs::read_to_string(task.path().join("children")) {
+                all.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    all
+}
+
+/// What the processes have used so far, together.
+pub fn usage_of(pids: &[u32]) -> Usage {
+    pids.iter()
+        .map(|&p| usage(p))
+        .fold(Usage::default(), |a, b| a + b)
 }
