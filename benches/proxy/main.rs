@@ -431,7 +431,16 @@ fn pipelined(b: &Bench, way: Way, warmup: usize, calls: usize) -> PipeRun {
         stdin
     });
     // The client is this process: its main thread reads, the writer writes.
-    let flow_pids = [process::tree(p.pid), vec![std::process::id()]].concat();
+    let below = process::tree(p.pid);
+    if way != Way::Direct && below.len() < 2 {
+        eprintln!(
+            "{}: no server process found below pid {} (/proc/*/task/*/children): the flow's CPU \
+             leaves the server out",
+            way.label(),
+            p.pid
+        );
+    }
+    let flow_pids = [below, vec![std::process::id()]].concat();
     let before = (p.usage(), process::usage_of(&flow_pids));
     let start = Instant::now();
     for _ in 0..WINDOW {
