@@ -53,7 +53,7 @@ use serde_json::{Value, json};
 
 use guard::GuardServer;
 use process::{Launch, Proc, Usage, contains, echo_call};
-use stats::{Table, fixed, median, micros, percentile, ratio, thousands};
+use stats::{Table, fixed, median, micros, percentile, ratio, span, thousands};
 
 /// Calls in flight in the pipelined workload.
 const WINDOW: usize = 16;
@@ -678,15 +678,13 @@ fn main() {
         for way in ways {
             let e = res.get_mut(&way).expect("ran");
             let f = e.figures();
-            let lo = e.calls_per_s.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = e.calls_per_s.iter().copied().fold(0.0, f64::max);
             fig.insert(way, f);
             t.row(vec![
                 way.label().into(),
                 thousands(f.cps),
                 fixed(f.p50, 1),
                 fixed(f.p99, 1),
-                format!("{}..{}", thousands(lo), thousands(hi)),
+                span(&e.calls_per_s),
                 fixed(median(&e.cpu), 1),
                 fixed(median(&e.switches), 1),
             ]);
@@ -722,7 +720,8 @@ fn main() {
         let per = |way: Way, f: &dyn Fn(&PipeRun) -> f64| {
             median(&runs[&way].iter().map(f).collect::<Vec<_>>())
         };
-        let flow_cpu = |r: &PipeRun| r.flow.cpu_ns as f64 / 1000.0 / calls;
+        let us_per_call = |ns: u64| ns as f64 / 1000.0 / calls;
+        let flow_cpu = |r: &PipeRun| us_per_call(r.flow.cpu_ns);
         let busy = |r: &PipeRun| r.flow.cpu_ns as f64 / r.wall.as_nanos() as f64 / cores;
         println!("\n== pipelined tools/call, {WINDOW} in flight, local rules only ==");
         let mut t = Table::new(&[
@@ -741,15 +740,13 @@ fn main() {
             .collect();
         for way in ways {
             let cps: Vec<f64> = runs[&way].iter().map(|r| r.calls_per_s).collect();
-            let lo = cps.iter().copied().fold(f64::INFINITY, f64::min);
-            let hi = cps.iter().copied().fold(0.0, f64::max);
             t.row(vec![
                 way.label().into(),
                 thousands(fig[&way]),
-                format!("{}..{}", thousands(lo), thousands(hi)),
-                fixed(per(way, &|r| r.middle.cpu_ns as f64 / 1000.0 / calls), 1),
+                span(&cps),
+                fixed(per(way, &|r| us_per_call(r.middle.cpu_ns)), 1),
                 fixed(per(way, &|r| r.middle.switches as f64 / calls), 2),
-                fixed(per(way, &|r| r.middle.wait_ns as f64 / 1000.0 / calls), 1),
+                fixed(per(way, &|r| us_per_call(r.middle.wait_ns)), 1),
                 fixed(per(way, &flow_cpu), 1),
                 format!("{:.0} %", per(way, &busy) * 100.0),
             ]);

@@ -236,14 +236,13 @@ impl Usage {
     }
 }
 
-impl std::ops::Add for Usage {
-    type Output = Usage;
-    fn add(self, o: Usage) -> Usage {
-        Usage {
-            cpu_ns: self.cpu_ns + o.cpu_ns,
-            wait_ns: self.wait_ns + o.wait_ns,
-            switches: self.switches + o.switches,
-        }
+impl std::iter::Sum for Usage {
+    fn sum<I: Iterator<Item = Usage>>(all: I) -> Usage {
+        all.fold(Usage::default(), |a, b| Usage {
+            cpu_ns: a.cpu_ns + b.cpu_ns,
+            wait_ns: a.wait_ns + b.wait_ns,
+            switches: a.switches + b.switches,
+        })
     }
 }
 
@@ -302,7 +301,5 @@ pub fn tree(pid: u32) -> Vec<u32> {
 
 /// What the processes have used so far, together.
 pub fn usage_of(pids: &[u32]) -> Usage {
-    pids.iter()
-        .map(|&p| usage(p))
-        .fold(Usage::default(), |a, b| a + b)
+    pids.iter().map(|&p| usage(p)).sum()
 }

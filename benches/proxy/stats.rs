@@ -101,6 +101,13 @@ pub fn thousands(x: f64) -> String {
     if n < 0 { format!("-{out}") } else { out }
 }
 
+/// The lowest and highest of calls-per-second figures, as `lo..hi`.
+pub fn span(values: &[f64]) -> String {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(0.0, f64::max);
+    format!("{}..{}", thousands(lo), thousands(hi))
+}
+
 pub fn fixed(x: f64, digits: usize) -> String {
     if x.is_finite() {
         format!("{x:.digits$}")
